@@ -1,0 +1,91 @@
+"""create_app(settings): lifespan, routers, middleware and error handlers — nothing else."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.auth import KeyChecker
+from gateway.completions import validation_error
+from gateway.config import Settings
+from gateway.errors import GatewayError, InvalidRequest, error_body, error_for_status
+from gateway.metrics import GatewayMetrics
+from gateway.metrics_server import MetricsServer
+from gateway.middleware import GatewayMiddleware
+from gateway.routes import completions, health, models
+from gateway.state import GatewayState
+from gateway.upstream.client import UpstreamClient, create_session
+from gateway.upstream.pool import Pools
+from gateway.asgi import error_headers
+
+log = logging.getLogger("gateway")
+
+
+def _error_response(error: GatewayError) -> Response:
+    body = error_body(error)
+    headers = {k.decode(): v.decode() for k, v in error_headers(error, body) if k != b"content-length"}
+    return Response(body, status_code=error.status, headers=headers)
+
+
+async def _on_gateway_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return _error_response(exc)
+
+
+async def _on_validation_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    loc = tuple(p for p in first.get("loc", ()) if p not in ("body", "query", "path"))
+    param = ".".join(str(p) for p in loc) or None
+    return _error_response(InvalidRequest(f"{param}: {first['msg']}" if param else str(first["msg"]), param=param))
+
+
+async def _on_http_error(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    messages = {404: "Unknown route.", 405: "Method not allowed on this route."}
+    return _error_response(error_for_status(exc.status_code, messages.get(exc.status_code)))
+
+
+async def _on_unexpected(_: Request, exc: Exception) -> Response:
+    log.exception("unhandled error", exc_info=exc)
+    return _error_response(GatewayError())
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        metrics = GatewayMetrics()
+        session = create_session(settings)
+        pools = Pools(settings, metrics)
+        app.state.gateway = GatewayState(settings, metrics, pools, UpstreamClient(session, settings, metrics))
+        metrics_server = MetricsServer(metrics, settings.host, settings.metrics_port)
+        if not settings.auth_enabled:
+            log.warning("no API keys configured: /v1/* is open to anyone who can reach this port")
+        pools.start(session)
+        metrics_server.start()
+        try:
+            yield
+        finally:
+            metrics_server.stop()
+            await pools.stop()
+            await session.close()
+
+    app = FastAPI(title="vlm-gateway", version="0.1.0", lifespan=lifespan, redoc_url=None)
+    app.router.routes.extend(completions.routes)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    if settings.metrics_port is None:
+        app.add_route("/metrics", health.metrics_endpoint, methods=["GET"], include_in_schema=False)
+    app.add_exception_handler(GatewayError, _on_gateway_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)
+    app.add_middleware(GatewayMiddleware, max_body_bytes=settings.max_body_bytes, keys=KeyChecker(settings))
+    return app

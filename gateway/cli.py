@@ -1,0 +1,88 @@
+"""`gateway serve ...` — the command line turns flags into Settings overrides and starts uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from gateway.config import Settings, load_settings
+
+
+def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", type=Path, help="YAML config file (every key also as a GATEWAY_* variable)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--metrics-port", type=int, help="serve /metrics on this port instead of the main one")
+    serve.add_argument("--upstream", action="append", help="vLLM base URL; repeat for replicas of --model")
+    serve.add_argument("--model", help="served model name of the --upstream replicas")
+    serve.add_argument("--limit-mm-per-prompt", help='as vLLM spells it, e.g. \'{"image":2,"video":1}\'')
+    serve.add_argument("--max-model-len", type=int, help="the model's context length, for early rejection")
+    serve.add_argument("--api-key", action="append", help="accepted API key; repeatable (stored hashed)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for name in ("host", "port", "metrics_port", "log_level"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.api_key:
+        overrides["api_keys"] = args.api_key
+    if args.upstream or args.model:
+        if not (args.upstream and args.model):
+            raise SystemExit("--upstream and --model go together")
+        pool: dict[str, Any] = {"name": args.model, "upstreams": args.upstream}
+        if args.limit_mm_per_prompt:
+            try:
+                pool["limit_mm_per_prompt"] = json.loads(args.limit_mm_per_prompt)
+            except json.JSONDecodeError as exc:
+                raise SystemExit(f"--limit-mm-per-prompt is not JSON: {exc}") from None
+        if args.max_model_len:
+            pool["max_model_len"] = args.max_model_len
+        overrides["models"] = [pool]
+    return overrides
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,  # a per-request log line costs more than the rest of the proxy path
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible gateway for vLLM + CLIP search")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(commands)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        try:
+            settings = load_settings(args.config, **_overrides(args))
+        except (ValidationError, FileNotFoundError) as exc:
+            print(f"gateway: invalid configuration:\n{exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        if not settings.models:
+            print("gateway: no model pools configured (use --upstream/--model or a config file)", file=sys.stderr)
+        serve(settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The gateway's one Settings object.
+
+Precedence, highest first: explicit overrides (the CLI's flags), `GATEWAY_*` environment variables, the YAML file
+given with `--config`, then the defaults below. Nothing else in the package reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+Modality = Literal["image", "video"]
+
+
+class Timeouts(BaseModel):
+    """Separate budgets, because a stalled first token and a stalled stream are different faults."""
+
+    connect: float = Field(5.0, gt=0, le=600)
+    first_token: float = Field(120.0, gt=0, le=3600)  # headers + first chunk; long for large visual prompts
+    idle: float = Field(60.0, gt=0, le=3600)  # longest silence between two chunks of a stream
+    total: float = Field(900.0, gt=0, le=86400)
+
+
+class ModelPool(BaseModel):
+    """One served model name and the vLLM replicas that serve it."""
+
+    name: str = Field(min_length=1, max_length=256)
+    upstreams: list[str] = Field(min_length=1, max_length=64)
+    # Mirrors `vllm serve --limit-mm-per-prompt`; checked before any media is fetched.
+    limit_mm_per_prompt: dict[Modality, int] = Field(default_factory=lambda: {"image": 4, "video": 1})
+    max_model_len: int | None = Field(None, ge=16, le=10_000_000)
+    quantization: Literal["bf16", "fp16", "fp8", "awq", "gptq", "none"] | None = None
+    # Engine-steering request fields (chat_template, mm_processor_kwargs, ...) the operator lets through.
+    allow_fields: list[str] = Field(default_factory=list, max_length=64)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    # A prompt longer than max_model_len * this many characters cannot fit; rejected without tokenising.
+    max_chars_per_token: float = Field(10.0, gt=0, le=1000)
+
+    @field_validator("upstreams")
+    @classmethod
+    def _strip_slash(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"upstream must be an http(s) base URL, got {url!r}")
+        return [u.rstrip("/") for u in urls]
+
+    @field_validator("limit_mm_per_prompt")
+    @classmethod
+    def _non_negative(cls, limits: dict[Modality, int]) -> dict[Modality, int]:
+        if any(v < 0 for v in limits.values()):
+            raise ValueError("limit_mm_per_prompt counts must be >= 0")
+        return limits
+
+
+def hash_api_key(key: str) -> str:
+    """Keys are kept as SHA-256 digests only; a leaked config or heap dump reveals no usable key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid")
+
+    role: Literal["all", "proxy", "retrieval"] = "all"
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # None: /metrics on the main port
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    models: list[ModelPool] = Field(default_factory=list, max_length=256)
+
+    # Plaintext keys (from --api-key or GATEWAY_API_KEYS) are hashed at load; only digests are kept.
+    api_keys: list[SecretStr] = Field(default_factory=list, exclude=True)
+    api_key_hashes: list[str] = Field(default_factory=list)
+
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    # Bodies above this size are parsed and validated in a worker thread, off the event loop.
+    inline_parse_bytes: int = Field(256 * 1024, ge=0)
+    health_check_interval: float = Field(5.0, gt=0, le=3600)
+    health_check_timeout: float = Field(2.0, gt=0, le=60)
+    # How long a replica that refused a connection or answered 429/503 is skipped.
+    replica_cooldown: float = Field(5.0, ge=0, le=3600)
+    upstream_max_connections: int = Field(2048, ge=1, le=1_000_000)
+
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _hex_digests(cls, digests: list[str]) -> list[str]:
+        for digest in digests:
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+                raise ValueError("api_key_hashes entries must be SHA-256 hex digests")
+        return [d.lower() for d in digests]
+
+    @model_validator(mode="after")
+    def _fold_plain_keys(self) -> Settings:
+        digests = [hash_api_key(k.get_secret_value()) for k in self.api_keys]
+        self.api_key_hashes = sorted(set(self.api_key_hashes) | set(digests))
+        self.api_keys = []
+        names = [pool.name for pool in self.models]
+        if len(names) != len(set(names)):
+            raise ValueError("model pool names must be unique")
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_key_hashes)
+
+    def pool(self, name: str) -> ModelPool | None:
+        return next((p for p in self.models if p.name == name), None)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_file = settings_cls.model_config.get("yaml_file")
+        if yaml_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings from overrides > env > YAML file > defaults."""
+    if config_file is None:
+        return Settings(**overrides)
+    if not config_file.is_file():
+        raise FileNotFoundError(f"config file not found: {config_file}")
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(yaml_file=config_file)
+
+    loaded = _FileSettings(**overrides)
+    return Settings.model_validate(loaded.model_dump())

@@ -1,0 +1,124 @@
+"""The one error table: every failure the gateway reports, its HTTP status and its OpenAI error body.
+
+Handlers raise these; exactly one place (`error_body` / `sse_error_frame`) turns them into bytes. Messages are
+written for clients: an exception's text or an upstream's internals never reach one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import orjson
+
+
+class GatewayError(Exception):
+    status: int = 500
+    type: str = "internal_error"
+    code: str | None = None
+    message: str = "The gateway failed to handle the request."
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.message = message or self.message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = dict(headers or {})
+        super().__init__(self.message)
+
+
+class InvalidRequest(GatewayError):
+    status, type, code = 400, "invalid_request_error", None
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class Unauthorized(GatewayError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+    message = "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'."
+
+
+class PermissionDenied(GatewayError):
+    status, type, code = 403, "permission_error", "insufficient_scope"
+
+
+class NotFound(GatewayError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class RateLimited(GatewayError):
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+
+class UpstreamError(GatewayError):
+    """The replica answered with something unusable (5xx, broken stream)."""
+
+    status, type, code = 502, "upstream_error", "upstream_error"
+    message = "The model server failed to answer the request."
+
+
+class ServiceUnavailable(GatewayError):
+    status, type, code = 503, "service_unavailable", "service_unavailable"
+    message = "No model server is available to answer the request."
+
+
+class UpstreamTimeout(GatewayError):
+    status, type, code = 504, "timeout_error", "upstream_timeout"
+    message = "The model server did not answer in time."
+
+
+STATUS_ERRORS: dict[int, type[GatewayError]] = {
+    400: InvalidRequest,
+    401: Unauthorized,
+    403: PermissionDenied,
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: PayloadTooLarge,
+    429: RateLimited,
+    502: UpstreamError,
+    503: ServiceUnavailable,
+    504: UpstreamTimeout,
+}
+
+
+def error_for_status(status: int, message: str | None = None) -> GatewayError:
+    """An error of the right class for an HTTP status (e.g. Starlette's 404/405, an upstream's 4xx)."""
+    cls = STATUS_ERRORS.get(status)
+    if cls is None:
+        cls = InvalidRequest if 400 <= status < 500 else GatewayError
+    error = cls(message)
+    error.status = status
+    return error
+
+
+def error_payload(error: GatewayError) -> dict[str, object]:
+    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+
+
+def error_body(error: GatewayError) -> bytes:
+    return orjson.dumps(error_payload(error))
+
+
+def sse_error_frame(error: GatewayError) -> bytes:
+    """After the first byte of a stream the status is sent; the error travels as an event, then the terminator."""
+    return b"data: " + error_body(error) + b"\n\ndata: [DONE]\n\n"

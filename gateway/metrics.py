@@ -1,0 +1,82 @@
+"""Every metric the gateway exports, on one registry, all named `gateway_*`.
+
+Label values come from closed sets (configured model names, route templates, replica URLs from config, fixed
+error kinds) so a client can never mint new time series. Names never reuse the engine's `vllm:*` names, so a
+dashboard summing both does not double-count.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# LLM requests run from milliseconds to many minutes; buckets reach 10 minutes.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5, 10, 30)
+
+UNKNOWN_MODEL = "_unknown"
+UPSTREAM_ERROR_KINDS = (
+    "connect",
+    "status_4xx",
+    "status_429",
+    "status_5xx",
+    "timeout_first_token",
+    "timeout_idle",
+    "timeout_total",
+    "broken_stream",
+)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests", "Requests answered, by route, model and HTTP status.", ["route", "model", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds", "Time from request to the last byte of the answer.",
+            ["route", "model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "gateway_time_to_first_token_seconds", "Time from request to the first streamed chunk.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "gateway_inter_token_latency_seconds", "Gap between successive chunks read from a replica's stream.",
+            ["model"], buckets=TOKEN_GAP_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "gateway_prompt_tokens", "Prompt tokens, from the replica's usage report.", ["model"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "gateway_completion_tokens", "Completion tokens, from the replica's usage report.", ["model"], registry=r
+        )
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight", "Requests being handled now.", ["route", "model"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors", "Failures talking to a replica, by kind.", ["model", "kind"], registry=r
+        )
+        self.upstream_retries = Counter(
+            "gateway_upstream_retries", "Requests re-sent to another replica before any byte reached the client.",
+            ["model"], registry=r,
+        )
+        self.replica_healthy = Gauge(
+            "gateway_replica_healthy", "1 when the replica passes health checks and is not cooling down.",
+            ["model", "replica"], registry=r,
+        )
+        self.replica_outstanding = Gauge(
+            "gateway_replica_outstanding_requests", "Requests the gateway has open on each replica.",
+            ["model", "replica"], registry=r,
+        )
+        self.rejections = Counter(
+            "gateway_rejected_requests", "Requests refused before reaching a replica, by reason.",
+            ["route", "reason"], registry=r,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

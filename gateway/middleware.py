@@ -1,0 +1,75 @@
+"""One pure-ASGI layer in front of every route: request id, body-size cap and API-key check.
+
+Pure ASGI (no BaseHTTPMiddleware) so a stream passes through untouched apart from one header on its start.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from gateway.asgi import ASGIApp, Message, Receive, Send, send_error
+from gateway.auth import KeyChecker
+from gateway.errors import PayloadTooLarge, Unauthorized
+
+REQUEST_ID_SAFE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+PROTECTED_PREFIX = "/v1/"
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body exceeds the gateway's limit of {limit} bytes.")
+
+
+class GatewayMiddleware:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, keys: KeyChecker) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.keys = keys
+
+    async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = content_length = authorization = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value
+            elif name == b"content-length":
+                content_length = value
+            elif name == b"authorization":
+                authorization = value
+        if request_id is None or not REQUEST_ID_SAFE.match(request_id):
+            request_id = uuid.uuid4().hex.encode()
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id.decode()
+        id_header = (b"x-request-id", request_id)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        limit = self.max_body_bytes
+        if content_length is not None and (not content_length.isdigit() or int(content_length) > limit):
+            await send_error(send_with_id, _too_large(limit))
+            return
+        if self.keys.enabled and scope["path"].startswith(PROTECTED_PREFIX):
+            key_id = self.keys.identify(authorization)
+            if key_id is None:
+                await send_error(send_with_id, Unauthorized())
+                return
+            state["key_id"] = key_id
+
+        received = 0
+
+        async def capped_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise _too_large(limit)
+            return message
+
+        await self.app(scope, capped_receive, send_with_id)
+

@@ -1,0 +1,14 @@
+"""The two proxied generation routes, mounted as raw ASGI endpoints."""
+
+from __future__ import annotations
+
+from starlette.routing import Route
+
+from gateway.completions import CompletionsEndpoint
+from gateway.protocol.chat import ChatCompletionRequest, CompletionRequest
+
+# Only these upstream paths are ever proxied; vLLM's /tokenize, /pause, /metrics, /docs ... are not reachable.
+routes = [
+    Route("/v1/chat/completions", CompletionsEndpoint("/v1/chat/completions", ChatCompletionRequest), methods=["POST"]),
+    Route("/v1/completions", CompletionsEndpoint("/v1/completions", CompletionRequest), methods=["POST"]),
+]

@@ -1,0 +1,38 @@
+"""Liveness, readiness and the Prometheus exposition.
+
+Liveness never depends on replicas, so a vLLM outage cannot trigger a restart storm of gateways; readiness says
+which models can be served right now.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from gateway.metrics import CONTENT_TYPE
+from gateway.state import GatewayState
+
+router = APIRouter()
+
+
+@router.get("/health/live")
+async def live() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> JSONResponse:
+    gateway: GatewayState = request.app.state.gateway
+    models = {
+        name: {"healthy_replicas": replicas.healthy_count(), "replicas": len(replicas.replicas)}
+        for name, replicas in gateway.pools.by_model.items()
+    }
+    servable = [name for name, counts in models.items() if counts["healthy_replicas"] > 0]
+    ready_now = bool(servable) or not models
+    body = {"status": "ready" if ready_now else "unavailable", "servable_models": servable, "models": models}
+    return JSONResponse(body, status_code=200 if ready_now else 503)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    gateway: GatewayState = request.app.state.gateway
+    return Response(gateway.metrics.exposition(), media_type=CONTENT_TYPE)

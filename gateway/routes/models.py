@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from gateway.protocol.models import Capabilities, ModelCard, ModelList, ReplicaCounts
+from gateway.state import GatewayState
+
+router = APIRouter()
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    gateway: GatewayState = request.app.state.gateway
+    cards = []
+    for name, replicas in gateway.pools.by_model.items():
+        pool = replicas.pool
+        limits = dict(pool.limit_mm_per_prompt)
+        capabilities = Capabilities(
+            vision=any(limits.values()),
+            limit_mm_per_prompt=limits,
+            max_model_len=pool.max_model_len,
+            quantization=pool.quantization,
+            replicas=ReplicaCounts(healthy=replicas.healthy_count(), total=len(replicas.replicas)),
+        )
+        cards.append(ModelCard(id=name, created=gateway.started_at, capabilities=capabilities))
+    return ModelList(data=cards)

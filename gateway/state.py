@@ -1,0 +1,20 @@
+"""Everything the lifespan creates, held on `app.state.gateway`; no module globals."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from gateway.config import Settings
+from gateway.metrics import GatewayMetrics
+from gateway.upstream.client import UpstreamClient
+from gateway.upstream.pool import Pools
+
+
+@dataclass(eq=False)
+class GatewayState:
+    settings: Settings
+    metrics: GatewayMetrics
+    pools: Pools
+    upstream: UpstreamClient
+    started_at: int = field(default_factory=lambda: int(time.time()))

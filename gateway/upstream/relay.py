@@ -1,0 +1,193 @@
+"""Relay an opened upstream response to the ASGI client.
+
+Streams go out byte-for-byte as the replica sends them: chunks are never parsed or re-encoded. Only the last two
+reads are kept, to find the usage event that vLLM sends just before `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway.asgi import JSON_CONTENT_TYPE, Receive, Send, send_error
+from gateway.config import Timeouts
+from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout, sse_error_frame
+from gateway.metrics import GatewayMetrics
+from gateway.upstream.client import OpenedUpstream
+
+USAGE_MARK = b'"usage":{'
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+
+
+@dataclass(slots=True)
+class RelayOutcome:
+    status: int = 200
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    client_gone: bool = False
+    upstream_broke: bool = False
+
+
+def _usage_from(payload: Any) -> tuple[int, int]:
+    usage = payload.get("usage") if isinstance(payload, dict) else None
+    if not isinstance(usage, dict):
+        return 0, 0
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return (prompt if isinstance(prompt, int) else 0, completion if isinstance(completion, int) else 0)
+
+
+def usage_from_stream_tail(tail: bytes) -> tuple[int, int]:
+    at = tail.rfind(USAGE_MARK)
+    if at < 0:
+        return 0, 0
+    start = tail.rfind(b"data: ", 0, at)
+    end = tail.find(b"\n", at)
+    if start < 0 or end < 0:
+        return 0, 0
+    try:
+        return _usage_from(orjson.loads(tail[start + 6 : end]))
+    except orjson.JSONDecodeError:
+        return 0, 0
+
+
+class ClientWatch:
+    """Notices the client hanging up (uvicorn then drops our writes silently) and closes the upstream request,
+    so vLLM aborts the generation and frees its KV cache."""
+
+    def __init__(self, receive: Receive, response: aiohttp.ClientResponse) -> None:
+        self.gone = False
+        self._response = response
+        self._task = asyncio.create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        self._response.close()
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+async def relay(
+    opened: OpenedUpstream,
+    receive: Receive,
+    send: Send,
+    *,
+    stream: bool,
+    timeouts: Timeouts,
+    started: float,
+    metrics: GatewayMetrics,
+) -> RelayOutcome:
+    watch = ClientWatch(receive, opened.response)
+    try:
+        if stream:
+            return await _relay_stream(opened, send, timeouts, started, metrics, watch)
+        return await _relay_whole(opened, send, timeouts, started, metrics, watch)
+    finally:
+        await watch.stop()
+        opened.response.release()
+
+
+async def _relay_stream(
+    opened: OpenedUpstream,
+    send: Send,
+    timeouts: Timeouts,
+    started: float,
+    metrics: GatewayMetrics,
+    watch: ClientWatch,
+) -> RelayOutcome:
+    model = opened.replica.model
+    outcome = RelayOutcome()
+    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+    first = opened.first_chunk
+    now = time.perf_counter()
+    metrics.time_to_first_token.labels(model).observe(now - started)
+    itl = metrics.inter_token_latency.labels(model)
+    previous, last = b"", first
+    if first:
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+    loop = asyncio.get_running_loop()
+    total_deadline = loop.time() + max(0.0, timeouts.total - (now - started))
+    content = opened.response.content
+    error: GatewayError | None = None
+    try:
+        async with asyncio.timeout(None) as budget:
+            while True:
+                budget.reschedule(min(loop.time() + timeouts.idle, total_deadline))
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                gap_end = time.perf_counter()
+                itl.observe(gap_end - now)
+                now = gap_end
+                previous, last = last, chunk
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except TimeoutError:
+        kind = "timeout_total" if loop.time() >= total_deadline else "timeout_idle"
+        metrics.upstream_errors.labels(model, kind).inc()
+        error = UpstreamTimeout("The model server stopped sending tokens.")
+    except (aiohttp.ClientError, ConnectionError):
+        if not watch.gone:
+            metrics.upstream_errors.labels(model, "broken_stream").inc()
+            outcome.upstream_broke = True
+            error = UpstreamError("The model server failed in the middle of the stream.")
+    if watch.gone:
+        outcome.client_gone = True
+        outcome.status = 499
+        return outcome
+    if error is not None:
+        outcome.status = error.status
+        await send({"type": "http.response.body", "body": sse_error_frame(error), "more_body": False})
+        return outcome
+    outcome.prompt_tokens, outcome.completion_tokens = usage_from_stream_tail(previous + last)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return outcome
+
+
+async def _relay_whole(
+    opened: OpenedUpstream,
+    send: Send,
+    timeouts: Timeouts,
+    started: float,
+    metrics: GatewayMetrics,
+    watch: ClientWatch,
+) -> RelayOutcome:
+    model = opened.replica.model
+    outcome = RelayOutcome()
+    remaining = max(0.0, timeouts.total - (time.perf_counter() - started))
+    try:
+        async with asyncio.timeout(remaining):
+            body = opened.first_chunk + await opened.response.content.read()
+    except TimeoutError:
+        metrics.upstream_errors.labels(model, "timeout_total").inc()
+        return await _fail(send, UpstreamTimeout(), outcome)
+    except (aiohttp.ClientError, ConnectionError):
+        if watch.gone:
+            outcome.client_gone, outcome.status = True, 499
+            return outcome
+        metrics.upstream_errors.labels(model, "broken_stream").inc()
+        outcome.upstream_broke = True
+        return await _fail(send, UpstreamError(), outcome)
+    try:
+        outcome.prompt_tokens, outcome.completion_tokens = _usage_from(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        pass
+    headers = [JSON_CONTENT_TYPE, (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+    return outcome
+
+
+async def _fail(send: Send, error: GatewayError, outcome: RelayOutcome) -> RelayOutcome:
+    outcome.status = error.status
+    await send_error(send, error)
+    return outcome
