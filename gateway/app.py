@@ -5,15 +5,14 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.asgi import error_headers
 from gateway.auth import KeyChecker
-from gateway.completions import validation_error
 from gateway.config import Settings
 from gateway.errors import GatewayError, InvalidRequest, error_body, error_for_status
 from gateway.metrics import GatewayMetrics
@@ -23,7 +22,6 @@ from gateway.routes import completions, health, models
 from gateway.state import GatewayState
 from gateway.upstream.client import UpstreamClient, create_session
 from gateway.upstream.pool import Pools
-from gateway.asgi import error_headers
 
 log = logging.getLogger("gateway")
 

@@ -28,6 +28,16 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
+def _local_stack_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    stack = commands.add_parser("local-stack", help="vLLM CPU build on the tiny offline model + the gateway")
+    stack.add_argument("--vllm-python", type=Path, required=True, help="python of vLLM's own virtualenv")
+    stack.add_argument("--model-dir", type=Path, required=True, help="checkpoint to serve (tiny one by default)")
+    stack.add_argument("--model", default="tiny-qwen-vl", help="served model name")
+    stack.add_argument("--port", type=int, default=8080)
+    stack.add_argument("--vllm-port", type=int, default=8000)
+    stack.add_argument("--log-dir", type=Path, default=Path(".cache/logs"))
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for name in ("host", "port", "metrics_port", "log_level"):
@@ -72,7 +82,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible gateway for vLLM + CLIP search")
     commands = parser.add_subparsers(dest="command", required=True)
     _serve_parser(commands)
+    _local_stack_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "local-stack":
+        from gateway.devstack import run_local_stack
+
+        run_local_stack(
+            args.vllm_python,
+            args.model_dir,
+            model=args.model,
+            gateway_port=args.port,
+            vllm_port=args.vllm_port,
+            log_dir=args.log_dir,
+        )
     if args.command == "serve":
         try:
             settings = load_settings(args.config, **_overrides(args))

@@ -15,7 +15,7 @@ import orjson
 from pydantic import ValidationError
 
 from gateway.asgi import Message, Receive, Send, read_body, send_error
-from gateway.config import ModelPool
+from gateway.config import Modality, ModelPool
 from gateway.errors import ContextLengthExceeded, GatewayError, InvalidRequest, ModelNotFound
 from gateway.metrics import UNKNOWN_MODEL
 from gateway.protocol.chat import ChatCompletionRequest, CompletionRequest
@@ -25,28 +25,35 @@ from gateway.upstream.relay import relay
 MEDIA_NAMES = {"image": "image(s)", "video": "video(s)"}
 
 
+UNION_BRANCH_LABELS = ("str", "int", "float", "bool", "dict", "list", "none")
+
+
 def _param_from_loc(loc: tuple[int | str, ...]) -> str:
+    """`messages[0].content[2].image_url` from pydantic's location, minus the union-branch labels it inserts."""
     path = ""
+    previous: int | str | None = None
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in ("str", "list[...]") or "[" in part or part.startswith(("function-", "literal")):
-            continue  # union-branch labels that pydantic inserts into locations
-        else:
+        elif part in UNION_BRANCH_LABELS or "[" in part or part.startswith(("function-", "literal")):
+            continue
+        elif part != previous:  # a tagged union repeats its tag ("image_url") before the field of that name
             path += f".{part}" if path else part
+        previous = part
     return path
 
 
 def validation_error(exc: ValidationError) -> InvalidRequest:
-    first = exc.errors(include_input=False, include_url=False)[0]
+    # With unions pydantic reports one error per branch; the deepest one names the real culprit.
+    first = max(exc.errors(include_input=False, include_url=False), key=lambda e: len(e["loc"]))
     param = _param_from_loc(tuple(first["loc"]))
     message = first["msg"].removeprefix("Value error, ")
     return InvalidRequest(f"{param}: {message}" if param else message, param=param or None)
 
 
-def parse_request(body: bytes, model_cls: type[ChatCompletionRequest] | type[CompletionRequest]) -> (
-    ChatCompletionRequest | CompletionRequest
-):
+def parse_request(
+    body: bytes, model_cls: type[ChatCompletionRequest] | type[CompletionRequest]
+) -> ChatCompletionRequest | CompletionRequest:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -65,21 +72,17 @@ def check_against_pool(request: ChatCompletionRequest | CompletionRequest, pool:
         if name not in pool.allow_fields:
             raise InvalidRequest(f"Unrecognized request argument supplied: {name}", param=name)
     parts = request.media_parts()
-    counts: Counter[str] = Counter()
+    counts: Counter[Modality] = Counter()
     for param, part in parts:
-        modality = "image" if part.type == "image_url" else "video"
+        modality: Modality = "image" if part.type == "image_url" else "video"
         counts[modality] += 1
         limit = pool.limit_mm_per_prompt.get(modality, 0)
         if counts[modality] > limit:
-            raise InvalidRequest(
-                f"At most {limit} {MEDIA_NAMES[modality]} may be provided in one prompt.", param=param
-            )
+            raise InvalidRequest(f"At most {limit} {MEDIA_NAMES[modality]} may be provided in one prompt.", param=param)
     for param, part in parts:
         url = part.image_url.url if part.type == "image_url" else part.video_url.url
         if not url.startswith("data:"):
-            raise InvalidRequest(
-                "Only data: URLs are accepted for media by this gateway.", param=f"{param}.url"
-            )
+            raise InvalidRequest("Only data: URLs are accepted for media by this gateway.", param=f"{param}.url")
     if pool.max_model_len is None:
         return
     wanted = request.requested_tokens()
@@ -95,8 +98,10 @@ def check_against_pool(request: ChatCompletionRequest | CompletionRequest, pool:
         )
     if isinstance(request, CompletionRequest) and isinstance(request.prompt, list) and request.prompt:
         first = request.prompt[0]
-        longest = max(len(p) for p in request.prompt if isinstance(p, list)) if isinstance(first, list) else (
-            len(request.prompt) if isinstance(first, int) else 0
+        longest = (
+            max(len(p) for p in request.prompt if isinstance(p, list))
+            if isinstance(first, list)
+            else (len(request.prompt) if isinstance(first, int) else 0)
         )
         if longest > pool.max_model_len:
             raise ContextLengthExceeded(
@@ -145,8 +150,13 @@ class CompletionsEndpoint:
                 return
             try:
                 outcome = await relay(
-                    opened, receive, send, stream=request.stream, timeouts=replicas.pool.timeouts,
-                    started=started, metrics=metrics,
+                    opened,
+                    receive,
+                    send,
+                    stream=request.stream,
+                    timeouts=replicas.pool.timeouts,
+                    started=started,
+                    metrics=metrics,
                 )
             finally:
                 replicas.release(opened.replica)

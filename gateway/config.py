@@ -30,13 +30,17 @@ class Timeouts(BaseModel):
     total: float = Field(900.0, gt=0, le=86400)
 
 
+def _default_media_limits() -> dict[Modality, int]:
+    return {"image": 4, "video": 1}
+
+
 class ModelPool(BaseModel):
     """One served model name and the vLLM replicas that serve it."""
 
     name: str = Field(min_length=1, max_length=256)
     upstreams: list[str] = Field(min_length=1, max_length=64)
     # Mirrors `vllm serve --limit-mm-per-prompt`; checked before any media is fetched.
-    limit_mm_per_prompt: dict[Modality, int] = Field(default_factory=lambda: {"image": 4, "video": 1})
+    limit_mm_per_prompt: dict[Modality, int] = Field(default_factory=lambda: _default_media_limits())
     max_model_len: int | None = Field(None, ge=16, le=10_000_000)
     quantization: Literal["bf16", "fp16", "fp8", "awq", "gptq", "none"] | None = None
     # Engine-steering request fields (chat_template, mm_processor_kwargs, ...) the operator lets through.

@@ -14,7 +14,7 @@ import orjson
 class GatewayError(Exception):
     status: int = 500
     type: str = "internal_error"
-    code: str | None = None
+    code: str | None = "internal_error"
     message: str = "The gateway failed to handle the request."
 
     def __init__(
@@ -34,7 +34,9 @@ class GatewayError(Exception):
 
 
 class InvalidRequest(GatewayError):
-    status, type, code = 400, "invalid_request_error", None
+    status = 400
+    type = "invalid_request_error"
+    code: str | None = None
 
 
 class ContextLengthExceeded(InvalidRequest):
@@ -42,16 +44,22 @@ class ContextLengthExceeded(InvalidRequest):
 
 
 class Unauthorized(GatewayError):
-    status, type, code = 401, "authentication_error", "invalid_api_key"
+    status = 401
+    type = "authentication_error"
+    code: str | None = "invalid_api_key"
     message = "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'."
 
 
 class PermissionDenied(GatewayError):
-    status, type, code = 403, "permission_error", "insufficient_scope"
+    status = 403
+    type = "permission_error"
+    code: str | None = "insufficient_scope"
 
 
 class NotFound(GatewayError):
-    status, type, code = 404, "invalid_request_error", "not_found"
+    status = 404
+    type = "invalid_request_error"
+    code: str | None = "not_found"
 
 
 class ModelNotFound(NotFound):
@@ -59,31 +67,43 @@ class ModelNotFound(NotFound):
 
 
 class MethodNotAllowed(GatewayError):
-    status, type, code = 405, "invalid_request_error", "method_not_allowed"
+    status = 405
+    type = "invalid_request_error"
+    code: str | None = "method_not_allowed"
 
 
 class PayloadTooLarge(GatewayError):
-    status, type, code = 413, "invalid_request_error", "payload_too_large"
+    status = 413
+    type = "invalid_request_error"
+    code: str | None = "payload_too_large"
 
 
 class RateLimited(GatewayError):
-    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+    status = 429
+    type = "rate_limit_error"
+    code: str | None = "rate_limit_exceeded"
 
 
 class UpstreamError(GatewayError):
     """The replica answered with something unusable (5xx, broken stream)."""
 
-    status, type, code = 502, "upstream_error", "upstream_error"
+    status = 502
+    type = "upstream_error"
+    code: str | None = "upstream_error"
     message = "The model server failed to answer the request."
 
 
 class ServiceUnavailable(GatewayError):
-    status, type, code = 503, "service_unavailable", "service_unavailable"
+    status = 503
+    type = "service_unavailable"
+    code: str | None = "service_unavailable"
     message = "No model server is available to answer the request."
 
 
 class UpstreamTimeout(GatewayError):
-    status, type, code = 504, "timeout_error", "upstream_timeout"
+    status = 504
+    type = "timeout_error"
+    code: str | None = "upstream_timeout"
     message = "The model server did not answer in time."
 
 

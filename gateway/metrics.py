@@ -34,20 +34,31 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "gateway_requests", "Requests answered, by route, model and HTTP status.", ["route", "model", "status"],
+            "gateway_requests",
+            "Requests answered, by route, model and HTTP status.",
+            ["route", "model", "status"],
             registry=r,
         )
         self.request_duration = Histogram(
-            "gateway_request_duration_seconds", "Time from request to the last byte of the answer.",
-            ["route", "model"], buckets=LATENCY_BUCKETS, registry=r,
+            "gateway_request_duration_seconds",
+            "Time from request to the last byte of the answer.",
+            ["route", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.time_to_first_token = Histogram(
-            "gateway_time_to_first_token_seconds", "Time from request to the first streamed chunk.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+            "gateway_time_to_first_token_seconds",
+            "Time from request to the first streamed chunk.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.inter_token_latency = Histogram(
-            "gateway_inter_token_latency_seconds", "Gap between successive chunks read from a replica's stream.",
-            ["model"], buckets=TOKEN_GAP_BUCKETS, registry=r,
+            "gateway_inter_token_latency_seconds",
+            "Gap between successive chunks read from a replica's stream.",
+            ["model"],
+            buckets=TOKEN_GAP_BUCKETS,
+            registry=r,
         )
         self.prompt_tokens = Counter(
             "gateway_prompt_tokens", "Prompt tokens, from the replica's usage report.", ["model"], registry=r
@@ -62,20 +73,28 @@ class GatewayMetrics:
             "gateway_upstream_errors", "Failures talking to a replica, by kind.", ["model", "kind"], registry=r
         )
         self.upstream_retries = Counter(
-            "gateway_upstream_retries", "Requests re-sent to another replica before any byte reached the client.",
-            ["model"], registry=r,
+            "gateway_upstream_retries",
+            "Requests re-sent to another replica before any byte reached the client.",
+            ["model"],
+            registry=r,
         )
         self.replica_healthy = Gauge(
-            "gateway_replica_healthy", "1 when the replica passes health checks and is not cooling down.",
-            ["model", "replica"], registry=r,
+            "gateway_replica_healthy",
+            "1 when the replica passes health checks and is not cooling down.",
+            ["model", "replica"],
+            registry=r,
         )
         self.replica_outstanding = Gauge(
-            "gateway_replica_outstanding_requests", "Requests the gateway has open on each replica.",
-            ["model", "replica"], registry=r,
+            "gateway_replica_outstanding_requests",
+            "Requests the gateway has open on each replica.",
+            ["model", "replica"],
+            registry=r,
         )
         self.rejections = Counter(
-            "gateway_rejected_requests", "Requests refused before reaching a replica, by reason.",
-            ["route", "reason"], registry=r,
+            "gateway_rejected_requests",
+            "Requests refused before reaching a replica, by reason.",
+            ["route", "reason"],
+            registry=r,
         )
 
     def exposition(self) -> bytes:

@@ -72,4 +72,3 @@ class GatewayMiddleware:
             return message
 
         await self.app(scope, capped_receive, send_with_id)
-

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from gateway.protocol.sampling import MAX_TOKENS_CEILING, ShortStr, SamplingParams
+from gateway.protocol.sampling import MAX_TOKENS_CEILING, SamplingParams, ShortStr
 
 MAX_MESSAGES = 4096
 MAX_PARTS = 512
@@ -61,7 +61,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = Field(None, max_length=MAX_PARTS)
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_PARTS)] | None = None
     name: ShortStr | None = None
     tool_calls: list[ToolCall] | None = Field(None, max_length=128)
     tool_call_id: ShortStr | None = None
@@ -124,8 +124,12 @@ class ChatCompletionRequest(SamplingParams):
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_TOKENS_CEILING)]
 
 
+PromptList = Annotated[list[str], Field(min_length=1, max_length=1024)]
+TokenIdBatch = Annotated[list[TokenIds], Field(min_length=1, max_length=1024)]
+
+
 class CompletionRequest(SamplingParams):
-    prompt: str | list[str] | TokenIds | list[TokenIds] = Field(min_length=1)
+    prompt: str | PromptList | TokenIds | TokenIdBatch
     echo: bool | None = None
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = Field(None, max_length=64 * 1024)

@@ -47,9 +47,9 @@ class SamplingParams(BaseModel):
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
-    logit_bias: dict[Annotated[str, StringConstraints(max_length=16)], Annotated[float, Field(ge=-100, le=100)]] | None = (
-        Field(None, max_length=300)
-    )
+    logit_bias: (
+        dict[Annotated[str, StringConstraints(max_length=16)], Annotated[float, Field(ge=-100, le=100)]] | None
+    ) = Field(None, max_length=300)
     user: ShortStr | None = None
     service_tier: Literal["auto", "default", "flex", "priority"] | None = None
 

@@ -38,9 +38,7 @@ class ReplicaSet:
         self._metrics = metrics
         self._rotation = 0
         self._healthy_gauges = {r: metrics.replica_healthy.labels(pool.name, r.base_url) for r in self.replicas}
-        self._outstanding_gauges = {
-            r: metrics.replica_outstanding.labels(pool.name, r.base_url) for r in self.replicas
-        }
+        self._outstanding_gauges = {r: metrics.replica_outstanding.labels(pool.name, r.base_url) for r in self.replicas}
         for replica in self.replicas:
             self._healthy_gauges[replica].set(1)
 

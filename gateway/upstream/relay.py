@@ -177,10 +177,8 @@ async def _relay_whole(
         metrics.upstream_errors.labels(model, "broken_stream").inc()
         outcome.upstream_broke = True
         return await _fail(send, UpstreamError(), outcome)
-    try:
+    with contextlib.suppress(orjson.JSONDecodeError):
         outcome.prompt_tokens, outcome.completion_tokens = _usage_from(orjson.loads(body))
-    except orjson.JSONDecodeError:
-        pass
     headers = [JSON_CONTENT_TYPE, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

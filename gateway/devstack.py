@@ -1,0 +1,204 @@
+"""Start and stop real processes of the local stack: vLLM's CPU build and the gateway itself.
+
+Used by `gateway local-stack` and by the end-to-end tests, so both meet the same real parts. vLLM runs from its
+own virtualenv; the gateway never imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _get_status(url: str, timeout: float = 1.0) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback URLs we built
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (OSError, urllib.error.URLError):
+        return None
+
+
+@dataclass(eq=False)
+class ManagedProcess:
+    """A child in its own process group, so a kill reaches everything it spawned (vLLM's engine core too)."""
+
+    argv: list[str]
+    log_path: Path
+    ready_url: str
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(  # noqa: S603 - argv built by this module
+            self.argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True
+        )
+        log.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"{self.argv[0]} exited early; log tail:\n{self.log_tail()}")
+            if _get_status(self.ready_url) == 200:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"not ready after {timeout:.0f}s: {self.ready_url}; log tail:\n{self.log_tail()}")
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL the whole group: the crash a replica really suffers when its pod is OOM-killed."""
+        self.signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait()
+
+    def stop(self, grace: float = 20.0) -> None:
+        if not self.alive():
+            return
+        self.signal(signal.SIGTERM)
+        assert self.proc is not None
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def vllm_process(
+    python: Path,
+    model_dir: Path,
+    *,
+    served_name: str,
+    port: int,
+    log_path: Path,
+    limit_mm_per_prompt: dict[str, int],
+    max_model_len: int = 2048,
+) -> ManagedProcess:
+    argv = [
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        served_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        str(max_model_len),
+        "--limit-mm-per-prompt",
+        json.dumps(limit_mm_per_prompt),
+    ]
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+    }
+    return ManagedProcess(argv, log_path, f"http://127.0.0.1:{port}/health", env)
+
+
+def gateway_process(args: list[str], *, port: int, log_path: Path, env: dict[str, str] | None = None) -> ManagedProcess:
+    argv = [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    return ManagedProcess(argv, log_path, f"http://127.0.0.1:{port}/health/live", env or {})
+
+
+LOCAL_BANNER = """
+==============================================================================================
+ vlm-gateway local stack is up
+   gateway : http://127.0.0.1:{gateway_port}/v1     (model "{model}")
+   vLLM    : http://127.0.0.1:{vllm_port}           (CPU build, log: {vllm_log})
+   metrics : http://127.0.0.1:{gateway_port}/metrics
+
+ !! The model is a tiny RANDOM-WEIGHT Qwen2.5-VL built offline: its answers are gibberish. !!
+ !! The serving path (images, streaming, limits, failover, metrics) is the real one.        !!
+
+ Try it:
+   curl -s http://127.0.0.1:{gateway_port}/v1/chat/completions -H 'content-type: application/json' \\
+     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 16}}'
+   python -c "from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:{gateway_port}/v1', api_key='none'); \\
+print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hi'}}]).choices[0])"
+ Ctrl-C stops both.
+==============================================================================================
+"""
+
+
+def run_local_stack(
+    vllm_python: Path, model_dir: Path, *, model: str, gateway_port: int, vllm_port: int, log_dir: Path
+) -> None:
+    """vLLM's CPU build on the tiny checkpoint, then the gateway in this process in front of it."""
+    from gateway.cli import serve
+    from gateway.config import load_settings
+
+    limits = {"image": 2, "video": 1}
+    vllm = vllm_process(
+        vllm_python,
+        model_dir,
+        served_name=model,
+        port=vllm_port,
+        log_path=log_dir / "vllm.log",
+        limit_mm_per_prompt=limits,
+        max_model_len=8192,
+    )
+    print(f"starting vLLM (CPU) on :{vllm_port}; this takes about a minute...", flush=True)
+    started = time.monotonic()
+    vllm.start()
+    try:
+        vllm.wait_ready(timeout=900)
+        print(f"vLLM ready after {time.monotonic() - started:.0f}s", flush=True)
+        pool = {
+            "name": model,
+            "upstreams": [f"http://127.0.0.1:{vllm_port}"],
+            "limit_mm_per_prompt": limits,
+            "max_model_len": 8192,
+        }
+        settings = load_settings(port=gateway_port, models=[pool])
+        # uvicorn re-raises SIGTERM once it has shut down; exiting through Python lets `finally` stop vLLM too.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        print(
+            LOCAL_BANNER.format(gateway_port=gateway_port, vllm_port=vllm_port, model=model, vllm_log=vllm.log_path),
+            flush=True,
+        )
+        serve(settings)
+    finally:
+        vllm.stop()

@@ -1,0 +1,170 @@
+"""Upstream faults (CASES B1-B4, B6) against a real gateway process and a fake replica on loopback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from gateway.devstack import free_port
+from tests.fake_upstream import Behaviour, FakeVllm, sse_chunk
+from tests.support import RunningGateway, run_gateway_async, write_config
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+JSON = {"content-type": "application/json"}
+STREAM = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+
+
+def _config(tmp_path: Path, upstreams: list[str], **pool: Any) -> list[str]:
+    models = [{"name": "m", "upstreams": upstreams, **pool}]
+    path = write_config(tmp_path / "gateway.yaml", models, health_check_interval=60, replica_cooldown=30)
+    return ["--config", str(path)]
+
+
+async def _post(gateway: RunningGateway, body: dict[str, Any]) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
+        return await client.post("/v1/chat/completions", content=orjson.dumps(body), headers=JSON)
+
+
+async def _stream_events(gateway: RunningGateway, body: dict[str, Any]) -> tuple[int, list[bytes]]:
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
+        async with client.stream("POST", "/v1/chat/completions", content=orjson.dumps(body), headers=JSON) as response:
+            raw = b"".join([chunk async for chunk in response.aiter_raw()])
+            return response.status_code, [e for e in raw.split(b"\n\n") if e]
+
+
+async def test_reset_before_headers_fails_over_and_marks_replica_down(
+    tmp_path: Path, log_dir: Path, fake_a: FakeVllm, fake_b: FakeVllm
+) -> None:
+    fake_a.behaviour = Behaviour(mode="reset")
+    async with run_gateway_async(_config(tmp_path, [fake_a.url, fake_b.url]), log_dir) as gateway:
+        for _ in range(3):
+            response = await _post(gateway, CHAT)
+            assert response.status_code == 200, response.text
+        assert fake_a.hits == 1, "a replica that reset the connection must not be tried again"
+        assert fake_b.hits == 3
+        assert gateway.metric("gateway_upstream_retries_total", {"model": "m"}) == 1
+        assert gateway.metric("gateway_replica_healthy", {"replica": fake_a.url}) == 0
+        assert gateway.metric("gateway_replica_healthy", {"replica": fake_b.url}) == 1
+
+
+async def test_connection_refused_is_served_by_another_replica(tmp_path: Path, log_dir: Path, fake_b: FakeVllm) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    async with run_gateway_async(_config(tmp_path, [dead, fake_b.url]), log_dir) as gateway:
+        statuses = [(await _post(gateway, CHAT)).status_code for _ in range(4)]
+        assert statuses == [200] * 4
+        assert fake_b.hits == 4
+
+
+async def test_429_cools_the_replica_and_retries_once_elsewhere(
+    tmp_path: Path, log_dir: Path, fake_a: FakeVllm, fake_b: FakeVllm
+) -> None:
+    fake_a.behaviour = Behaviour(mode="status", status=429, retry_after="30")
+    async with run_gateway_async(_config(tmp_path, [fake_a.url, fake_b.url]), log_dir) as gateway:
+        for _ in range(4):
+            assert (await _post(gateway, CHAT)).status_code == 200
+        assert fake_a.hits == 1, "the cooling replica must be skipped for its Retry-After"
+        assert fake_b.hits == 4
+
+
+async def test_all_replicas_saturated_gives_client_retry_after(
+    tmp_path: Path, log_dir: Path, fake_a: FakeVllm, fake_b: FakeVllm
+) -> None:
+    for fake in (fake_a, fake_b):
+        fake.behaviour = Behaviour(mode="status", status=503, retry_after="7")
+    async with run_gateway_async(_config(tmp_path, [fake_a.url, fake_b.url]), log_dir) as gateway:
+        response = await _post(gateway, CHAT)
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "7"
+        assert response.json()["error"]["type"] == "service_unavailable"
+        assert fake_a.hits + fake_b.hits == 2, "exactly one bounded retry"
+        again = await _post(gateway, CHAT)
+        assert again.status_code == 503 and "retry-after" in again.headers
+        assert fake_a.hits + fake_b.hits == 2, "cooling replicas are not hammered"
+
+
+async def test_upstream_400_passes_through_without_retry(
+    tmp_path: Path, log_dir: Path, fake_a: FakeVllm, fake_b: FakeVllm
+) -> None:
+    for fake in (fake_a, fake_b):
+        fake.behaviour = Behaviour(mode="status", status=400)
+    async with run_gateway_async(_config(tmp_path, [fake_a.url, fake_b.url]), log_dir) as gateway:
+        response = await _post(gateway, CHAT)
+        assert response.status_code == 400
+        assert response.json()["error"]["message"] == "fake status 400"
+        assert response.json()["error"]["type"] == "invalid_request_error"
+        assert fake_a.hits + fake_b.hits == 1
+        assert gateway.metric("gateway_replica_healthy", {"model": "m"}) == 2, "a 400 is not the replica's fault"
+
+
+async def test_upstream_500_becomes_502_without_internals(tmp_path: Path, log_dir: Path, fake_a: FakeVllm) -> None:
+    fake_a.behaviour = Behaviour(mode="status", status=500)
+    async with run_gateway_async(_config(tmp_path, [fake_a.url]), log_dir) as gateway:
+        response = await _post(gateway, CHAT)
+        assert response.status_code == 502
+        assert "fake status" not in response.text
+        assert response.json()["error"]["code"] == "upstream_error"
+
+
+async def test_first_token_timeout_gives_504(tmp_path: Path, log_dir: Path, fake_a: FakeVllm) -> None:
+    fake_a.behaviour = Behaviour(mode="stall_first")
+    args = _config(tmp_path, [fake_a.url], timeouts={"first_token": 1, "idle": 5})
+    async with run_gateway_async(args, log_dir) as gateway:
+        response = await _post(gateway, CHAT)
+        assert response.status_code == 504
+        assert response.json()["error"]["code"] == "upstream_timeout"
+        assert gateway.metric("gateway_upstream_errors_total", {"kind": "timeout_first_token"}) == 1
+
+
+async def test_stall_mid_stream_ends_with_error_event_then_done(
+    tmp_path: Path, log_dir: Path, fake_a: FakeVllm, fake_b: FakeVllm
+) -> None:
+    fake_a.behaviour = fake_b.behaviour = Behaviour(mode="stall_mid", chunks=5)
+    args = _config(tmp_path, [fake_a.url, fake_b.url], timeouts={"first_token": 5, "idle": 1})
+    async with run_gateway_async(args, log_dir) as gateway:
+        status, events = await _stream_events(gateway, STREAM)
+        assert status == 200
+        assert events[:2] == [sse_chunk(0).rstrip(), sse_chunk(1).rstrip()]
+        error = orjson.loads(events[2].removeprefix(b"data: "))["error"]
+        assert error["code"] == "upstream_timeout"
+        assert events[3] == b"data: [DONE]"
+        assert fake_a.hits + fake_b.hits == 1, "no silent retry after the first byte"
+
+
+async def test_replica_dying_mid_stream_gives_error_event_and_marks_it_down(
+    tmp_path: Path, log_dir: Path, fake_a: FakeVllm
+) -> None:
+    fake_a.behaviour = Behaviour(mode="drop_mid", chunks=5)
+    async with run_gateway_async(_config(tmp_path, [fake_a.url]), log_dir) as gateway:
+        status, events = await _stream_events(gateway, STREAM)
+        assert status == 200
+        assert len(events) == 4
+        assert orjson.loads(events[2].removeprefix(b"data: "))["error"]["code"] == "upstream_error"
+        assert events[3] == b"data: [DONE]"
+        assert gateway.metric("gateway_replica_healthy", {"replica": fake_a.url}) == 0
+        assert gateway.metric("gateway_upstream_errors_total", {"kind": "broken_stream"}) == 1
+        follow_up = await _post(gateway, CHAT)
+        assert follow_up.status_code == 503, "the only replica is down until a health check passes"
+        assert follow_up.headers.get("retry-after")
+
+
+async def test_stream_is_relayed_byte_for_byte_with_usage_counted(
+    tmp_path: Path, log_dir: Path, fake_a: FakeVllm
+) -> None:
+    fake_a.behaviour = Behaviour(chunks=4, chunk_delay=0.01)
+    async with run_gateway_async(_config(tmp_path, [fake_a.url]), log_dir) as gateway:
+        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
+            async with client.stream(
+                "POST", "/v1/chat/completions", content=orjson.dumps(STREAM), headers=JSON
+            ) as response:
+                raw = b"".join([chunk async for chunk in response.aiter_raw()])
+        assert response.headers["content-type"].startswith("text/event-stream")
+        expected = b"".join(sse_chunk(i) for i in range(4))
+        assert raw.startswith(expected) and raw.endswith(b"data: [DONE]\n\n")
+        assert fake_a.bodies[0] == orjson.dumps(STREAM), "the client's bytes go upstream unchanged"
+        assert gateway.metric("gateway_prompt_tokens_total", {"model": "m"}) == 7
+        assert gateway.metric("gateway_completion_tokens_total", {"model": "m"}) == 3
+        assert gateway.metric("gateway_time_to_first_token_seconds_count", {"model": "m"}) == 1
+        assert gateway.metric("gateway_inter_token_latency_seconds_count", {"model": "m"}) >= 3

@@ -1,0 +1,73 @@
+"""Helpers shared by the test suites: start a real gateway process, read its metrics with a real parser."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.devstack import ManagedProcess, free_port, gateway_process
+
+
+def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """Sum of the samples called `name` whose labels include `labels` (0 when absent)."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                total += sample.value
+    return total
+
+
+class RunningGateway:
+    def __init__(self, process: ManagedProcess, port: int) -> None:
+        self.process = process
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.base_url}/metrics", timeout=5).text
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return metric_value(self.metrics(), name, labels)
+
+    def log(self) -> str:
+        return self.process.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def run_gateway(args: list[str], log_dir: Path, env: dict[str, str] | None = None) -> Iterator[RunningGateway]:
+    port = free_port()
+    process = gateway_process(args, port=port, log_path=log_dir / f"gateway-{port}.log", env=env)
+    process.start()
+    try:
+        process.wait_ready(timeout=30)
+        yield RunningGateway(process, port)
+    finally:
+        process.stop(grace=10)
+
+
+@contextlib.asynccontextmanager
+async def run_gateway_async(
+    args: list[str], log_dir: Path, env: dict[str, str] | None = None
+) -> AsyncIterator[RunningGateway]:
+    """As run_gateway, but waits in a thread so an in-process fake upstream keeps answering meanwhile."""
+    port = free_port()
+    process = gateway_process(args, port=port, log_path=log_dir / f"gateway-{port}.log", env=env)
+    process.start()
+    try:
+        await asyncio.to_thread(process.wait_ready, 30)
+        yield RunningGateway(process, port)
+    finally:
+        await asyncio.to_thread(process.stop, 10)
+
+
+def write_config(path: Path, models: list[dict[str, Any]], **settings: Any) -> Path:
+    path.write_text(yaml.safe_dump({"models": models, **settings}))
+    return path

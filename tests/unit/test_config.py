@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from gateway.cli import _overrides, main
+from gateway.config import hash_api_key, load_settings
+
+
+def _yaml(tmp_path: Path, data: dict[str, object]) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_precedence_is_overrides_then_env_then_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _yaml(tmp_path, {"port": 1111, "metrics_port": 2222, "log_level": "debug"})
+    monkeypatch.setenv("GATEWAY_PORT", "3333")
+    monkeypatch.setenv("GATEWAY_METRICS_PORT", "4444")
+    settings = load_settings(path, metrics_port=5555)
+    assert (settings.port, settings.metrics_port, settings.log_level) == (3333, 5555, "debug")
+
+
+def test_models_from_env_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_MODELS", '[{"name": "qwen", "upstreams": ["http://a:8000/", "http://b:8000"]}]')
+    pool = load_settings().pool("qwen")
+    assert pool is not None
+    assert pool.upstreams == ["http://a:8000", "http://b:8000"]
+    assert pool.limit_mm_per_prompt == {"image": 4, "video": 1}
+
+
+def test_plain_keys_are_kept_only_as_digests() -> None:
+    settings = load_settings(api_keys=["sk-one"], api_key_hashes=[hash_api_key("sk-two")])
+    assert settings.api_key_hashes == sorted([hash_api_key("sk-one"), hash_api_key("sk-two")])
+    assert "sk-one" not in settings.model_dump_json()
+    assert "sk-one" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"models": [{"name": "m", "upstreams": ["ftp://x"]}]},
+        {"models": [{"name": "m", "upstreams": []}]},
+        {"models": [{"name": "m", "upstreams": ["http://x"], "limit_mm_per_prompt": {"image": -1}}]},
+        {"models": [{"name": "m", "upstreams": ["http://x"]}, {"name": "m", "upstreams": ["http://y"]}]},
+        {"api_key_hashes": ["not-a-digest"]},
+        {"no_such_setting": 1},
+    ],
+)
+def test_invalid_configuration_is_refused(tmp_path: Path, bad: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        load_settings(_yaml(tmp_path, bad))
+
+
+def test_cli_flags_build_one_pool() -> None:
+    import argparse
+
+    args = argparse.Namespace(
+        host=None,
+        port=8080,
+        metrics_port=None,
+        log_level=None,
+        api_key=["k1", "k2"],
+        upstream=["http://127.0.0.1:8000", "http://127.0.0.1:8001"],
+        model="qwen",
+        limit_mm_per_prompt='{"image":2,"video":1}',
+        max_model_len=4096,
+    )
+    settings = load_settings(**_overrides(args))
+    pool = settings.pool("qwen")
+    assert pool is not None and len(pool.upstreams) == 2
+    assert pool.limit_mm_per_prompt == {"image": 2, "video": 1}
+    assert pool.max_model_len == 4096 and len(settings.api_key_hashes) == 2
+
+
+def test_missing_config_file_exits_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--config", str(tmp_path / "absent.yaml")])
+    assert exited.value.code == 2
+    assert "config file not found" in capsys.readouterr().err
