@@ -15,6 +15,7 @@ from gateway.asgi import error_headers
 from gateway.auth import KeyChecker
 from gateway.config import Settings
 from gateway.errors import GatewayError, InvalidRequest, error_body, error_for_status
+from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
 from gateway.metrics_server import MetricsServer
 from gateway.middleware import GatewayMiddleware
@@ -62,7 +63,9 @@ def create_app(settings: Settings) -> FastAPI:
         metrics = GatewayMetrics()
         session = create_session(settings)
         pools = Pools(settings, metrics)
-        app.state.gateway = GatewayState(settings, metrics, pools, UpstreamClient(session, settings, metrics))
+        media = MediaPreparer(settings.media, metrics)
+        upstream = UpstreamClient(session, settings, metrics)
+        app.state.gateway = GatewayState(settings, metrics, pools, upstream, media)
         metrics_server = MetricsServer(metrics, settings.host, settings.metrics_port)
         if not settings.auth_enabled:
             log.warning("no API keys configured: /v1/* is open to anyone who can reach this port")
@@ -73,6 +76,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             metrics_server.stop()
             await pools.stop()
+            await media.close()
             await session.close()
 
     app = FastAPI(title="vlm-gateway", version="0.1.0", lifespan=lifespan, redoc_url=None)

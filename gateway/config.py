@@ -30,6 +30,34 @@ class Timeouts(BaseModel):
     total: float = Field(900.0, gt=0, le=86400)
 
 
+class MediaSettings(BaseModel):
+    """How the gateway fetches and checks media before any replica sees it."""
+
+    allow_data_urls: bool = True
+    allow_remote_urls: bool = True
+    allowed_domains: list[str] = Field(default_factory=list, max_length=1024)  # empty: any public host
+    denied_domains: list[str] = Field(default_factory=list, max_length=1024)
+    # Hosts (names or CIDRs) exempt from the private-address check, e.g. an internal image store.
+    trusted_hosts: list[str] = Field(default_factory=list, max_length=1024)
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_video_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_request_bytes: int = Field(128 * 1024 * 1024, ge=1024)  # all media of one request together
+    max_decode_pixels: int = Field(64_000_000, ge=1)  # checked from the header, before decoding
+    image_formats: list[str] = Field(default_factory=lambda: ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+    max_redirects: int = Field(3, ge=0, le=10)
+    connect_timeout: float = Field(5.0, gt=0, le=120)
+    read_timeout: float = Field(10.0, gt=0, le=600)
+    total_timeout: float = Field(30.0, gt=0, le=3600)
+    max_concurrent_fetches: int = Field(64, ge=1, le=100_000)
+    decode_threads: int = Field(2, ge=1, le=256)
+    cache_entries: int = Field(256, ge=0, le=1_000_000)
+    cache_ttl: float = Field(300.0, ge=0)
+    video_max_seconds: float = Field(300.0, gt=0)
+    video_max_fps: float = Field(60.0, gt=0)
+    video_max_frames: int = Field(18_000, ge=1)
+    video_max_frame_pixels: int = Field(1920 * 1088, ge=1)
+
+
 def _default_media_limits() -> dict[Modality, int]:
     return {"image": 4, "video": 1}
 
@@ -46,6 +74,10 @@ class ModelPool(BaseModel):
     # Engine-steering request fields (chat_template, mm_processor_kwargs, ...) the operator lets through.
     allow_fields: list[str] = Field(default_factory=list, max_length=64)
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    # Image pixel budget, as Qwen2.5-VL's processor spells it; images are resized into it at the gateway.
+    # The defaults are the processor's own, so answers match a direct call; lower max_pixels to save tokens.
+    min_pixels: int = Field(4 * 28 * 28, ge=28 * 28)
+    max_pixels: int = Field(16384 * 28 * 28, ge=28 * 28)
     # A prompt longer than max_model_len * this many characters cannot fit; rejected without tokenising.
     max_chars_per_token: float = Field(10.0, gt=0, le=1000)
 
@@ -80,6 +112,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     models: list[ModelPool] = Field(default_factory=list, max_length=256)
+    media: MediaSettings = Field(default_factory=MediaSettings)
 
     # Plaintext keys (from --api-key or GATEWAY_API_KEYS) are hashed at load; only digests are kept.
     api_keys: list[SecretStr] = Field(default_factory=list, exclude=True)

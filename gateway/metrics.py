@@ -97,5 +97,34 @@ class GatewayMetrics:
             registry=r,
         )
 
+        self.media_items = Counter(
+            "gateway_media_items",
+            "Images and videos prepared, by modality and source (data URL or remote).",
+            ["modality", "source"],
+            registry=r,
+        )
+        self.media_bytes = Counter(
+            "gateway_media_bytes", "Bytes of media read, by modality and source.", ["modality", "source"], registry=r
+        )
+        self.media_prepare_seconds = Histogram(
+            "gateway_media_prepare_seconds",
+            "Fetch (or decode) plus check and resize of one media item.",
+            ["modality", "source"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.media_rejections = Counter(
+            "gateway_media_rejections", "Media refused, by reason (the error code).", ["reason"], registry=r
+        )
+        self.media_cache_hits = Counter(
+            "gateway_media_cache_hits", "Media served from the gateway's short-lived cache.", ["modality"], registry=r
+        )
+        self.media_visual_tokens = Histogram(
+            "gateway_media_visual_tokens",
+            "Estimated visual tokens per request with media.",
+            buckets=(16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072),
+            registry=r,
+        )
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.config import Settings
+from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
 from gateway.upstream.client import UpstreamClient
 from gateway.upstream.pool import Pools
@@ -17,4 +18,5 @@ class GatewayState:
     metrics: GatewayMetrics
     pools: Pools
     upstream: UpstreamClient
+    media: MediaPreparer
     started_at: int = field(default_factory=lambda: int(time.time()))

@@ -101,14 +101,14 @@ class ChatCompletionRequest(SamplingParams):
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def media_parts(self) -> list[tuple[str, ImagePart | VideoPart]]:
-        """(param path, part) for every image/video part, in order."""
-        found: list[tuple[str, ImagePart | VideoPart]] = []
+    def media_parts(self) -> list[tuple[int, int, ImagePart | VideoPart]]:
+        """(message index, part index, part) for every image/video part, in order."""
+        found: list[tuple[int, int, ImagePart | VideoPart]] = []
         for i, message in enumerate(self.messages):
             if isinstance(message.content, list):
                 for j, part in enumerate(message.content):
                     if isinstance(part, ImagePart | VideoPart):
-                        found.append((f"messages[{i}].content[{j}].{part.type}", part))
+                        found.append((i, j, part))
         return found
 
     def text_chars(self) -> int:
@@ -142,5 +142,14 @@ class CompletionRequest(SamplingParams):
             return sum(len(p) for p in prompt if isinstance(p, str))
         return 0
 
-    def media_parts(self) -> list[tuple[str, ImagePart | VideoPart]]:
+    def media_parts(self) -> list[tuple[int, int, ImagePart | VideoPart]]:
         return []
+
+    def longest_token_prompt(self) -> int:
+        """Length of the longest prompt given as token ids (0 when the prompt is text)."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or not prompt or isinstance(prompt[0], str):
+            return 0
+        if isinstance(prompt[0], int):
+            return len(prompt)
+        return max(len(p) for p in prompt if isinstance(p, list))

@@ -1,0 +1,193 @@
+"""Turn every image/video part of a request into a checked, resized data URL, once.
+
+Parts are prepared concurrently (fetches bounded by the fetcher, decoding by a small thread pool); the first
+failure cancels the rest. Results are cached briefly by URL and by content hash, so a conversation that resends
+the same image every turn pays for it once, and the hash goes to vLLM as the part's `uuid` so its multimodal cache
+hits too. Concurrent requests for the same media share one fetch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import warnings
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from gateway.config import MediaSettings, ModelPool
+from gateway.errors import ContextLengthExceeded, GatewayError
+from gateway.media.fetch import MediaFetcher, MediaTooLarge, decode_data_url
+from gateway.media.guard import MediaUrlRefused
+from gateway.media.images import PreparedMedia, prepare_image
+from gateway.media.video import VideoCaps, prepare_video
+from gateway.metrics import GatewayMetrics
+
+
+@dataclass(frozen=True, slots=True)
+class MediaPart:
+    """An image_url/video_url part at messages[message].content[index]."""
+
+    message: int
+    index: int
+    modality: str  # "image" | "video"
+    url: str
+
+    @property
+    def param(self) -> str:
+        return f"messages[{self.message}].content[{self.index}].{self.modality}_url"
+
+
+class _TtlCache:
+    def __init__(self, entries: int, ttl: float) -> None:
+        self._entries = entries
+        self._ttl = ttl
+        self._items: OrderedDict[tuple[str, ...], tuple[float, PreparedMedia]] = OrderedDict()
+
+    def get(self, key: tuple[str, ...]) -> PreparedMedia | None:
+        item = self._items.get(key)
+        if item is None or item[0] < time.monotonic():
+            self._items.pop(key, None)
+            return None
+        self._items.move_to_end(key)
+        return item[1]
+
+    def put(self, key: tuple[str, ...], value: PreparedMedia) -> None:
+        if self._entries == 0:
+            return
+        self._items[key] = (time.monotonic() + self._ttl, value)
+        self._items.move_to_end(key)
+        while len(self._items) > self._entries:
+            self._items.popitem(last=False)
+
+
+class MediaPreparer:
+    def __init__(self, settings: MediaSettings, metrics: GatewayMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.fetcher = MediaFetcher(settings)
+        self._executor = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="media-decode")
+        self._cache = _TtlCache(settings.cache_entries, settings.cache_ttl)
+        self._inflight: dict[tuple[str, ...], asyncio.Future[PreparedMedia]] = {}
+        self._video_caps = VideoCaps(
+            settings.video_max_seconds,
+            settings.video_max_fps,
+            settings.video_max_frames,
+            settings.video_max_frame_pixels,
+        )
+        # Pillow's own bomb guard agrees with ours, and its warning is an error rather than a log line.
+        Image.MAX_IMAGE_PIXELS = settings.max_decode_pixels
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+    async def close(self) -> None:
+        await self.fetcher.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def prepare(self, body: dict[str, Any], parts: list[MediaPart], pool: ModelPool) -> int:
+        """Rewrite `body`'s media parts in place; returns the request's estimated visual tokens."""
+        budget = _RequestBudget(self.settings.max_request_bytes)
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._prepare_one(part, pool, budget)) for part in parts]
+        except* GatewayError as failed:
+            first = failed.exceptions[0]
+            assert isinstance(first, GatewayError)
+            self.metrics.media_rejections.labels(first.code or "invalid").inc()
+            raise first from None
+        visual_tokens = 0
+        for part, task in zip(parts, tasks, strict=True):
+            prepared = task.result()
+            visual_tokens += prepared.visual_tokens
+            key = f"{part.modality}_url"
+            body["messages"][part.message]["content"][part.index] = {
+                "type": key,
+                key: {"url": prepared.data_url},
+                "uuid": prepared.sha256,
+            }
+        self.metrics.media_visual_tokens.observe(visual_tokens)
+        if pool.max_model_len is not None and visual_tokens >= pool.max_model_len:
+            raise ContextLengthExceeded(
+                f"The request's images and videos need about {visual_tokens} visual tokens; the model's context "
+                f"length is {pool.max_model_len}.",
+                param="messages",
+            )
+        return visual_tokens
+
+    async def _prepare_one(self, part: MediaPart, pool: ModelPool, budget: _RequestBudget) -> PreparedMedia:
+        remote = not part.url.startswith("data:")
+        identity = part.url if remote else hashlib.sha256(part.url.encode()).hexdigest()
+        key = (part.modality, "url" if remote else "data", identity, str(pool.min_pixels), str(pool.max_pixels))
+        cached = self._cache.get(key)
+        if cached is not None:
+            self.metrics.media_cache_hits.labels(part.modality).inc()
+            budget.spend(cached.source_bytes, part.param)
+            return cached
+        pending = self._inflight.get(key)
+        if pending is not None:
+            prepared = await asyncio.shield(pending)
+            budget.spend(prepared.source_bytes, part.param)
+            return prepared
+        future: asyncio.Future[PreparedMedia] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            prepared = await self._load(part, pool, remote, budget)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here, so a future nobody else awaited does not warn
+            raise
+        finally:
+            del self._inflight[key]
+        future.set_result(prepared)
+        self._cache.put(key, prepared)
+        return prepared
+
+    async def _load(self, part: MediaPart, pool: ModelPool, remote: bool, budget: _RequestBudget) -> PreparedMedia:
+        settings = self.settings
+        cap = settings.max_image_bytes if part.modality == "image" else settings.max_video_bytes
+        started = time.perf_counter()
+        source = "remote" if remote else "data"
+        if remote:
+            data = await self.fetcher.fetch(part.url, cap, part.param)
+            mime = ""
+        else:
+            if not settings.allow_data_urls:
+                raise MediaUrlRefused("data: URLs are disabled on this gateway.", param=part.param)
+            mime, data = decode_data_url(part.url, cap, part.param)
+        budget.spend(len(data), part.param)
+        self.metrics.media_bytes.labels(part.modality, source).inc(len(data))
+        loop = asyncio.get_running_loop()
+        if part.modality == "image":
+            formats = tuple(f.upper() for f in settings.image_formats)
+            prepared = await loop.run_in_executor(
+                self._executor,
+                lambda: prepare_image(
+                    data,
+                    min_pixels=pool.min_pixels,
+                    max_pixels=pool.max_pixels,
+                    max_decode_pixels=settings.max_decode_pixels,
+                    formats=formats,
+                    param=part.param,
+                ),
+            )
+        else:
+            prepared = await loop.run_in_executor(
+                self._executor, prepare_video, data, mime, self._video_caps, part.param
+            )
+        self.metrics.media_items.labels(part.modality, source).inc()
+        self.metrics.media_prepare_seconds.labels(part.modality, source).observe(time.perf_counter() - started)
+        return prepared
+
+
+class _RequestBudget:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.spent = 0
+
+    def spend(self, nbytes: int, param: str) -> None:
+        self.spent += nbytes
+        if self.spent > self.limit:
+            raise MediaTooLarge(f"The request's media exceed the limit of {self.limit} bytes in all.", param=param)

@@ -1,0 +1,76 @@
+"""Check a video against the operator's caps and forward it whole (vLLM samples the frames).
+
+Sampling at the gateway would duplicate vLLM's own Qwen2.5-VL frame sampler and its timing metadata (M-RoPE
+uses absolute time); forwarding within caps keeps answers identical to a direct call. The container is probed
+(header and stream metadata only) in a worker thread; nothing is decoded.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import math
+from dataclasses import dataclass
+
+import av
+
+from gateway.errors import InvalidRequest
+from gateway.media.images import PATCH, PreparedMedia, smart_resize
+
+SAMPLED_FPS = 2.0  # Qwen2.5-VL's default sampling rate
+TEMPORAL_PATCH = 2
+MAX_SAMPLED_FRAMES = 768
+VIDEO_MIN_PIXELS = 128 * 28 * 28
+VIDEO_MAX_PIXELS = 768 * 28 * 28
+
+
+class VideoRefused(InvalidRequest):
+    code = "invalid_video"
+
+
+@dataclass(frozen=True, slots=True)
+class VideoCaps:
+    max_seconds: float
+    max_fps: float
+    max_frames: int
+    max_frame_pixels: int
+
+
+def prepare_video(data: bytes, mime: str, caps: VideoCaps, param: str) -> PreparedMedia:
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                raise VideoRefused("The video has no video stream.", param=param)
+            stream = container.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            if stream.duration is not None and stream.time_base is not None:
+                seconds = float(stream.duration * stream.time_base)
+            else:
+                seconds = (container.duration or 0) / av.time_base
+            frames = stream.frames or math.ceil(seconds * fps)
+    except av.FFmpegError:
+        raise VideoRefused("The video could not be read.", param=param) from None
+    if width <= 0 or height <= 0 or seconds <= 0 or fps <= 0:
+        raise VideoRefused("The video's size, duration or frame rate is missing.", param=param)
+    for value, cap, what in (
+        (seconds, caps.max_seconds, "seconds long"),
+        (fps, caps.max_fps, "frames per second"),
+        (frames, caps.max_frames, "frames"),
+        (width * height, caps.max_frame_pixels, "pixels per frame"),
+    ):
+        if value > cap:
+            raise VideoRefused(f"The video has {value:g} {what}; the limit is {cap:g}.", param=param)
+    sampled = min(MAX_SAMPLED_FRAMES, max(TEMPORAL_PATCH, math.ceil(seconds * SAMPLED_FPS)))
+    frame_h, frame_w = smart_resize(height, width, VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS)
+    tokens = math.ceil(sampled / TEMPORAL_PATCH) * (frame_h // PATCH) * (frame_w // PATCH)
+    media_type = mime if mime.startswith("video/") else "video/mp4"
+    return PreparedMedia(
+        data_url=f"data:{media_type};base64," + base64.b64encode(data).decode(),
+        sha256=hashlib.sha256(data).hexdigest(),
+        width=width,
+        height=height,
+        visual_tokens=tokens,
+        source_bytes=len(data),
+    )
