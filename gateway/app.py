@@ -14,12 +14,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway.asgi import error_headers
 from gateway.auth import KeyChecker
 from gateway.config import Settings
+from gateway.embeddings.service import EmbeddingsService
 from gateway.errors import GatewayError, InvalidRequest, error_body, error_for_status
 from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
 from gateway.metrics_server import MetricsServer
 from gateway.middleware import GatewayMiddleware
-from gateway.routes import completions, health, models
+from gateway.routes import completions, embeddings, health, models
 from gateway.state import GatewayState
 from gateway.upstream.client import UpstreamClient, create_session
 from gateway.upstream.pool import Pools
@@ -65,23 +66,27 @@ def create_app(settings: Settings) -> FastAPI:
         pools = Pools(settings, metrics)
         media = MediaPreparer(settings.media, metrics)
         upstream = UpstreamClient(session, settings, metrics)
-        app.state.gateway = GatewayState(settings, metrics, pools, upstream, media)
+        embedder = EmbeddingsService(settings.embeddings, media, metrics, enabled=settings.role in ("all", "retrieval"))
+        app.state.gateway = GatewayState(settings, metrics, pools, upstream, media, embedder)
         metrics_server = MetricsServer(metrics, settings.host, settings.metrics_port)
         if not settings.auth_enabled:
             log.warning("no API keys configured: /v1/* is open to anyone who can reach this port")
         pools.start(session)
+        embedder.start()
         metrics_server.start()
         try:
             yield
         finally:
             metrics_server.stop()
             await pools.stop()
+            await embedder.close()
             await media.close()
             await session.close()
 
     app = FastAPI(title="vlm-gateway", version="0.1.0", lifespan=lifespan, redoc_url=None)
     app.router.routes.extend(completions.routes)
     app.include_router(models.router)
+    app.include_router(embeddings.router)
     app.include_router(health.router)
     if settings.metrics_port is None:
         app.add_route("/metrics", health.metrics_endpoint, methods=["GET"], include_in_schema=False)

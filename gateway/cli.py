@@ -26,6 +26,10 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument("--max-model-len", type=int, help="the model's context length, for early rejection")
     serve.add_argument("--api-key", action="append", help="accepted API key; repeatable (stored hashed)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--role", choices=["all", "proxy", "retrieval"])
+    serve.add_argument("--clip-model", help='open_clip model name, or "tiny-random" (built in, no download)')
+    serve.add_argument("--clip-pretrained", help="open_clip pretrained tag (fetched from the hub)")
+    serve.add_argument("--clip-checkpoint", help="local CLIP weights (.safetensors, or torch weights_only)")
 
 
 def _local_stack_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -40,9 +44,20 @@ def _local_stack_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
-    for name in ("host", "port", "metrics_port", "log_level"):
+    for name in ("host", "port", "metrics_port", "log_level", "role"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    clip = {
+        key: value
+        for key, value in (
+            ("clip_model", args.clip_model),
+            ("pretrained", args.clip_pretrained),
+            ("checkpoint", args.clip_checkpoint),
+        )
+        if value is not None
+    }
+    if clip:
+        overrides["embeddings"] = clip
     if args.api_key:
         overrides["api_keys"] = args.api_key
     if args.upstream or args.model:

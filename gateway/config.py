@@ -58,6 +58,31 @@ class MediaSettings(BaseModel):
     video_max_frame_pixels: int = Field(1920 * 1088, ge=1)
 
 
+class EmbeddingsSettings(BaseModel):
+    """The CLIP encoder behind /v1/embeddings (and /v1/search)."""
+
+    enabled: bool = True
+    # open_clip model name, or "tiny-random": a built-in random-weight CLIP that needs no download (tests, demos).
+    clip_model: str = "ViT-B-32"
+    pretrained: str | None = "laion2b_s34b_b79k"  # open_clip tag; fetched from the hub unless checkpoint is set
+    checkpoint: str | None = None  # local .safetensors (or a torch file, loaded weights_only)
+    served_name: str | None = None  # the `model` clients send; default "<clip_model>/<pretrained>"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    max_batch: int = Field(64, ge=1, le=4096)
+    max_wait_ms: float = Field(2.0, ge=0, le=1000)
+    max_queue: int = Field(4096, ge=1, le=1_000_000)  # items waiting per modality; beyond it 429
+    max_inputs: int = Field(2048, ge=1, le=100_000)  # per request, as OpenAI's API
+    max_input_chars: int = Field(16_384, ge=1)  # per text input; CLIP reads 77 tokens of it anyway
+
+    def model_name(self) -> str:
+        if self.served_name:
+            return self.served_name
+        if self.clip_model == "tiny-random" or not self.pretrained:
+            return f"clip-{self.clip_model}"
+        return f"{self.clip_model}/{self.pretrained}"
+
+
 def _default_media_limits() -> dict[Modality, int]:
     return {"image": 4, "video": 1}
 
@@ -113,6 +138,7 @@ class Settings(BaseSettings):
 
     models: list[ModelPool] = Field(default_factory=list, max_length=256)
     media: MediaSettings = Field(default_factory=MediaSettings)
+    embeddings: EmbeddingsSettings = Field(default_factory=EmbeddingsSettings)
 
     # Plaintext keys (from --api-key or GATEWAY_API_KEYS) are hashed at load; only digests are kept.
     api_keys: list[SecretStr] = Field(default_factory=list, exclude=True)

@@ -149,6 +149,7 @@ LOCAL_BANNER = """
    gateway : http://127.0.0.1:{gateway_port}/v1     (model "{model}")
    vLLM    : http://127.0.0.1:{vllm_port}           (CPU build, log: {vllm_log})
    metrics : http://127.0.0.1:{gateway_port}/metrics
+   embeddings: model "clip-tiny-random" (random-weight CLIP, 64-d) at /v1/embeddings
 
  !! The model is a tiny RANDOM-WEIGHT Qwen2.5-VL built offline: its answers are gibberish. !!
  !! The serving path (images, streaming, limits, failover, metrics) is the real one.        !!
@@ -192,7 +193,7 @@ def run_local_stack(
             "limit_mm_per_prompt": limits,
             "max_model_len": 8192,
         }
-        settings = load_settings(port=gateway_port, models=[pool])
+        settings = load_settings(port=gateway_port, models=[pool], embeddings={"clip_model": "tiny-random"})
         # uvicorn re-raises SIGTERM once it has shut down; exiting through Python lets `finally` stop vLLM too.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         print(

@@ -126,5 +126,36 @@ class GatewayMetrics:
             registry=r,
         )
 
+        self.embedding_queue = Gauge(
+            "gateway_embedding_queue_items", "Items waiting for the CLIP encoder.", ["modality"], registry=r
+        )
+        self.embedding_queue_seconds = Histogram(
+            "gateway_embedding_queue_seconds",
+            "Time an item waited before its batch started.",
+            ["modality"],
+            buckets=TOKEN_GAP_BUCKETS,
+            registry=r,
+        )
+        self.embedding_batch_size = Histogram(
+            "gateway_embedding_batch_size",
+            "Items per encoder forward pass.",
+            ["modality"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
+        self.embedding_encode_seconds = Histogram(
+            "gateway_embedding_encode_seconds",
+            "Encoder time per batch.",
+            ["modality"],
+            buckets=TOKEN_GAP_BUCKETS,
+            registry=r,
+        )
+        self.embedding_items = Counter(
+            "gateway_embedding_items", "Items embedded, by modality.", ["modality"], registry=r
+        )
+        self.embedding_rejections = Counter(
+            "gateway_embedding_rejections", "Embedding work refused or failed, by reason.", ["reason"], registry=r
+        )
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

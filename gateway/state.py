@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.config import Settings
+from gateway.embeddings.service import EmbeddingsService
 from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
 from gateway.upstream.client import UpstreamClient
@@ -19,4 +20,5 @@ class GatewayState:
     pools: Pools
     upstream: UpstreamClient
     media: MediaPreparer
+    embeddings: EmbeddingsService
     started_at: int = field(default_factory=lambda: int(time.time()))

@@ -69,5 +69,7 @@ async def run_gateway_async(
 
 
 def write_config(path: Path, models: list[dict[str, Any]], **settings: Any) -> Path:
+    """A YAML config; the CLIP encoder is off unless a test asks for it (chat tests need no torch)."""
+    settings.setdefault("embeddings", {"enabled": False})
     path.write_text(yaml.safe_dump({"models": models, **settings}))
     return path

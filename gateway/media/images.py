@@ -67,15 +67,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def prepare_image(
-    data: bytes,
-    *,
-    min_pixels: int,
-    max_pixels: int,
-    max_decode_pixels: int,
-    formats: tuple[str, ...],
-    param: str,
-) -> PreparedMedia:
+def decode_image(data: bytes, *, max_decode_pixels: int, formats: tuple[str, ...], param: str) -> Image.Image:
+    """An RGB image from untrusted bytes: format allow-list, header pixel check, tile check, EXIF orientation."""
     try:
         image = Image.open(io.BytesIO(data), formats=list(formats))
     except UnidentifiedImageError:
@@ -96,9 +89,22 @@ def prepare_image(
     _check_tiles(image, param)
     try:
         image.load()  # first frame only: animations are read as a still
-        rgb = _to_rgb(ImageOps.exif_transpose(image) or image)
+        return _to_rgb(ImageOps.exif_transpose(image) or image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageRefused("The image could not be decoded.", param=param) from None
+
+
+def prepare_image(
+    data: bytes,
+    *,
+    min_pixels: int,
+    max_pixels: int,
+    max_decode_pixels: int,
+    formats: tuple[str, ...],
+    param: str,
+) -> PreparedMedia:
+    """Decode, then resize into the pool's budget with Qwen2.5-VL's rule, as a JPEG data URL for vLLM."""
+    rgb = decode_image(data, max_decode_pixels=max_decode_pixels, formats=formats, param=param)
     height, width = rgb.height, rgb.width
     new_height, new_width = smart_resize(height, width, min_pixels, max_pixels)
     if (new_height, new_width) != (height, width):

@@ -13,9 +13,10 @@ import hashlib
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -23,9 +24,11 @@ from gateway.config import MediaSettings, ModelPool
 from gateway.errors import ContextLengthExceeded, GatewayError
 from gateway.media.fetch import MediaFetcher, MediaTooLarge, decode_data_url
 from gateway.media.guard import MediaUrlRefused
-from gateway.media.images import PreparedMedia, prepare_image
+from gateway.media.images import PreparedMedia, decode_image, prepare_image
 from gateway.media.video import VideoCaps, prepare_video
 from gateway.metrics import GatewayMetrics
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +85,7 @@ class MediaPreparer:
         # Pillow's own bomb guard agrees with ours, and its warning is an error rather than a log line.
         Image.MAX_IMAGE_PIXELS = settings.max_decode_pixels
         warnings.simplefilter("error", Image.DecompressionBombWarning)
+        self._formats = tuple(f.upper() for f in settings.image_formats)
 
     async def close(self) -> None:
         await self.fetcher.close()
@@ -134,7 +138,7 @@ class MediaPreparer:
         future: asyncio.Future[PreparedMedia] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            prepared = await self._load(part, pool, remote, budget)
+            prepared = await self._load(part, pool, budget)
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved here, so a future nobody else awaited does not warn
@@ -145,23 +149,28 @@ class MediaPreparer:
         self._cache.put(key, prepared)
         return prepared
 
-    async def _load(self, part: MediaPart, pool: ModelPool, remote: bool, budget: _RequestBudget) -> PreparedMedia:
+    async def _read(self, url: str, modality: str, param: str, budget: _RequestBudget) -> tuple[str, bytes, str]:
+        """(media type, bytes, source) of one item, within the per-item and per-request byte caps."""
         settings = self.settings
-        cap = settings.max_image_bytes if part.modality == "image" else settings.max_video_bytes
-        started = time.perf_counter()
-        source = "remote" if remote else "data"
-        if remote:
-            data = await self.fetcher.fetch(part.url, cap, part.param)
-            mime = ""
-        else:
+        cap = settings.max_image_bytes if modality == "image" else settings.max_video_bytes
+        if url.startswith("data:"):
             if not settings.allow_data_urls:
-                raise MediaUrlRefused("data: URLs are disabled on this gateway.", param=part.param)
-            mime, data = decode_data_url(part.url, cap, part.param)
-        budget.spend(len(data), part.param)
-        self.metrics.media_bytes.labels(part.modality, source).inc(len(data))
+                raise MediaUrlRefused("data: URLs are disabled on this gateway.", param=param)
+            mime, data = decode_data_url(url, cap, param)
+            source = "data"
+        else:
+            mime, data, source = "", await self.fetcher.fetch(url, cap, param), "remote"
+        budget.spend(len(data), param)
+        self.metrics.media_bytes.labels(modality, source).inc(len(data))
+        return mime, data, source
+
+    async def _load(self, part: MediaPart, pool: ModelPool, budget: _RequestBudget) -> PreparedMedia:
+        settings = self.settings
+        started = time.perf_counter()
+        mime, data, source = await self._read(part.url, part.modality, part.param, budget)
         loop = asyncio.get_running_loop()
         if part.modality == "image":
-            formats = tuple(f.upper() for f in settings.image_formats)
+            formats = self._formats
             prepared = await loop.run_in_executor(
                 self._executor,
                 lambda: prepare_image(
@@ -180,6 +189,36 @@ class MediaPreparer:
         self.metrics.media_items.labels(part.modality, source).inc()
         self.metrics.media_prepare_seconds.labels(part.modality, source).observe(time.perf_counter() - started)
         return prepared
+
+    async def load_images(self, urls: list[tuple[str, str]], transform: Callable[[Image.Image], T]) -> list[T]:
+        """Fetch and decode (url, param) images under the same rules, then `transform` each in the decode pool.
+
+        For encoders that bring their own resizing (CLIP's preprocess), so no Qwen budget applies.
+        """
+        budget = _RequestBudget(self.settings.max_request_bytes)
+        formats, max_pixels = self._formats, self.settings.max_decode_pixels
+        loop = asyncio.get_running_loop()
+
+        async def one(url: str, param: str) -> T:
+            started = time.perf_counter()
+            _mime, data, source = await self._read(url, "image", param, budget)
+            result = await loop.run_in_executor(
+                self._executor,
+                lambda: transform(decode_image(data, max_decode_pixels=max_pixels, formats=formats, param=param)),
+            )
+            self.metrics.media_items.labels("image", source).inc()
+            self.metrics.media_prepare_seconds.labels("image", source).observe(time.perf_counter() - started)
+            return result
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(url, param)) for url, param in urls]
+        except* GatewayError as failed:
+            first = failed.exceptions[0]
+            assert isinstance(first, GatewayError)
+            self.metrics.media_rejections.labels(first.code or "invalid").inc()
+            raise first from None
+        return [task.result() for task in tasks]
 
 
 class _RequestBudget:

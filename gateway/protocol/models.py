@@ -14,10 +14,14 @@ class ReplicaCounts(BaseModel):
 
 class Capabilities(BaseModel):
     vision: bool
-    limit_mm_per_prompt: dict[str, int]
-    max_model_len: int | None
-    quantization: str | None
-    replicas: ReplicaCounts
+    limit_mm_per_prompt: dict[str, int] | None = None
+    max_model_len: int | None = None
+    quantization: str | None = None
+    replicas: ReplicaCounts | None = None
+    embeddings: bool = False
+    dimensions: int | None = None
+    input_modalities: list[str] | None = None
+    state: str | None = None
 
 
 class ModelCard(BaseModel):

@@ -28,8 +28,16 @@ async def ready(request: Request) -> JSONResponse:
         for name, replicas in gateway.pools.by_model.items()
     }
     servable = [name for name, counts in models.items() if counts["healthy_replicas"] > 0]
-    ready_now = bool(servable) or not models
-    body = {"status": "ready" if ready_now else "unavailable", "servable_models": servable, "models": models}
+    embeddings = gateway.embeddings.status()
+    if embeddings["state"] == "ready":
+        servable.append(embeddings["model"])
+    ready_now = bool(servable) or (not models and embeddings["state"] == "disabled")
+    body = {
+        "status": "ready" if ready_now else "unavailable",
+        "servable_models": servable,
+        "models": models,
+        "embeddings": embeddings,
+    }
     return JSONResponse(body, status_code=200 if ready_now else 503)
 
 

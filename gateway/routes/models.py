@@ -23,4 +23,17 @@ async def list_models(request: Request) -> ModelList:
             replicas=ReplicaCounts(healthy=replicas.healthy_count(), total=len(replicas.replicas)),
         )
         cards.append(ModelCard(id=name, created=gateway.started_at, capabilities=capabilities))
+    embedder = gateway.embeddings
+    if embedder.enabled:
+        encoder = embedder.encoder
+        capabilities = Capabilities(
+            vision=True,
+            embeddings=True,
+            dimensions=encoder.dim if encoder else None,
+            input_modalities=["text", "image"],
+            state=embedder.status()["state"],
+        )
+        cards.append(
+            ModelCard(id=embedder.settings.model_name(), created=gateway.started_at, capabilities=capabilities)
+        )
     return ModelList(data=cards)

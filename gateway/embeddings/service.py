@@ -1,0 +1,159 @@
+"""`/v1/embeddings`: validate inputs, prepare them off the loop, batch them across callers, answer in order.
+
+The encoder loads in the background at start-up, so the chat path is serving while CLIP weights load; until it is
+ready the route answers 503 and readiness says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import orjson
+
+from gateway.config import EmbeddingsSettings
+from gateway.embeddings.batcher import Batcher
+from gateway.embeddings.encoder import Encoder, OpenClipEncoder, Vectors
+from gateway.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
+from gateway.media.service import MediaPreparer
+from gateway.metrics import GatewayMetrics
+from gateway.protocol.chat import ImagePart
+from gateway.protocol.embeddings import EmbeddingRequest, TextInput
+
+log = logging.getLogger("gateway.embeddings")
+
+
+class EmbeddingsService:
+    def __init__(
+        self, settings: EmbeddingsSettings, media: MediaPreparer, metrics: GatewayMetrics, *, enabled: bool
+    ) -> None:
+        self.settings = settings
+        self.enabled = enabled and settings.enabled
+        self._media = media
+        self._metrics = metrics
+        self.encoder: Encoder | None = None
+        self.load_error: str | None = None
+        # One thread owns the device: torch work is serialised there, never on the event loop.
+        self._device = ThreadPoolExecutor(1, thread_name_prefix="clip-device")
+        self._prep = ThreadPoolExecutor(2, thread_name_prefix="clip-prep")
+        self._batchers: dict[str, Batcher] = {}
+        self._loader: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.enabled:
+            self._loader = asyncio.create_task(self._load(), name="clip-load")
+
+    async def _load(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            encoder: Encoder = await loop.run_in_executor(self._device, OpenClipEncoder, self.settings)
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("CLIP encoder %s failed to load: %s", self.settings.model_name(), self.load_error)
+            return
+        s = self.settings
+        for modality, encode in (("text", encoder.encode_text), ("image", encoder.encode_image)):
+            batcher = Batcher(
+                modality,
+                encode,
+                self._device,
+                self._metrics,
+                max_batch=s.max_batch,
+                max_wait=s.max_wait_ms / 1000,
+                max_queue=s.max_queue,
+            )
+            batcher.start()
+            self._batchers[modality] = batcher
+        self.encoder = encoder
+
+    async def wait_ready(self) -> None:
+        if self._loader is not None:
+            await asyncio.shield(self._loader)
+
+    async def close(self) -> None:
+        if self._loader is not None:
+            self._loader.cancel()
+        for batcher in self._batchers.values():
+            await batcher.close()
+        self._device.shutdown(wait=False, cancel_futures=True)
+        self._prep.shutdown(wait=False, cancel_futures=True)
+
+    def status(self) -> dict[str, Any]:
+        state = "ready" if self.encoder else ("failed" if self.load_error else "loading")
+        if not self.enabled:
+            state = "disabled"
+        return {"model": self.settings.model_name(), "state": state}
+
+    def _require_encoder(self, model: str) -> Encoder:
+        if not self.enabled or model != self.settings.model_name():
+            raise ModelNotFound(f"The embedding model '{model}' does not exist.", param="model")
+        if self.encoder is None:
+            reason = "failed to load" if self.load_error else "is still loading"
+            raise ServiceUnavailable(f"The embedding model {reason}.", headers={"Retry-After": "5"})
+        return self.encoder
+
+    async def embed(self, request: EmbeddingRequest) -> bytes:
+        encoder = self._require_encoder(request.model)
+        items = request.items()
+        if len(items) > self.settings.max_inputs:
+            raise InvalidRequest(f"At most {self.settings.max_inputs} inputs per request.", param="input")
+        if request.dimensions is not None and request.dimensions > encoder.dim:
+            raise InvalidRequest(f"dimensions must be at most {encoder.dim} for this model.", param="dimensions")
+        texts: list[tuple[int, str]] = []
+        token_ids: list[tuple[int, list[int]]] = []
+        images: list[tuple[int, str]] = []
+        for i, item in enumerate(items):
+            if isinstance(item, ImagePart):
+                images.append((i, item.image_url.url))
+                continue
+            text = item.text if isinstance(item, TextInput) else item
+            if isinstance(text, str):
+                if len(text) > self.settings.max_input_chars:
+                    raise InvalidRequest(
+                        f"Input is longer than {self.settings.max_input_chars} characters.", param=f"input[{i}]"
+                    )
+                texts.append((i, text))
+            else:
+                vocab = getattr(encoder, "vocab_size", 1 << 31)
+                if any(token >= vocab for token in text):
+                    raise InvalidRequest(f"Token ids must be below {vocab}.", param=f"input[{i}]")
+                token_ids.append((i, text))
+        loop = asyncio.get_running_loop()
+        text_rows: list[Any] = []
+        if texts:
+            text_rows = await loop.run_in_executor(self._prep, encoder.tokenize, [t for _, t in texts])
+        text_rows += [encoder.tokens_from_ids(ids) for _, ids in token_ids]
+        text_positions = [i for i, _ in texts] + [i for i, _ in token_ids]
+        pixel_rows = await self._media.load_images(
+            [(url, f"input[{i}].image_url") for i, url in images], encoder.preprocess
+        )
+        vectors = np.zeros((len(items), encoder.dim), np.float32)
+        jobs = []
+        if text_rows:
+            jobs.append((text_positions, self._batchers["text"].submit(text_rows)))
+        if pixel_rows:
+            jobs.append(([i for i, _ in images], self._batchers["image"].submit(pixel_rows)))
+        results = await asyncio.gather(*[job for _, job in jobs])
+        for (positions, _), rows in zip(jobs, results, strict=True):
+            vectors[positions] = rows
+        if request.dimensions is not None and request.dimensions < encoder.dim:
+            vectors = vectors[:, : request.dimensions]
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        tokens = sum(int((row != 0).sum()) for row in text_rows) + encoder.image_tokens * len(images)
+        return _response(vectors, request, encoder.model_id, tokens)
+
+
+def _response(vectors: Vectors, request: EmbeddingRequest, model: str, tokens: int) -> bytes:
+    data: list[dict[str, Any]] = []
+    for index, vector in enumerate(vectors):
+        if request.encoding_format == "base64":
+            value: Any = base64.b64encode(vector.astype("<f4").tobytes()).decode()
+        else:
+            value = vector
+        data.append({"object": "embedding", "index": index, "embedding": value})
+    body = {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
