@@ -99,7 +99,7 @@ async def test_cancelled_callers_are_skipped(setup: Any) -> None:
 
 
 async def test_a_dead_worker_fails_its_waiters_and_is_restarted(setup: Any) -> None:
-    batcher, encode = setup
+    batcher, _encode = setup
     original = batcher._collect
     calls = 0
 
