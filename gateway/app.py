@@ -20,7 +20,8 @@ from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
 from gateway.metrics_server import MetricsServer
 from gateway.middleware import GatewayMiddleware
-from gateway.routes import completions, embeddings, health, models
+from gateway.routes import completions, embeddings, health, models, search
+from gateway.search.service import SearchService
 from gateway.state import GatewayState
 from gateway.upstream.client import UpstreamClient, create_session
 from gateway.upstream.pool import Pools
@@ -66,19 +67,24 @@ def create_app(settings: Settings) -> FastAPI:
         pools = Pools(settings, metrics)
         media = MediaPreparer(settings.media, metrics)
         upstream = UpstreamClient(session, settings, metrics)
-        embedder = EmbeddingsService(settings.embeddings, media, metrics, enabled=settings.role in ("all", "retrieval"))
-        app.state.gateway = GatewayState(settings, metrics, pools, upstream, media, embedder)
+        serves_retrieval = settings.role in ("all", "retrieval")
+        embedder = EmbeddingsService(settings.embeddings, media, metrics, enabled=serves_retrieval)
+        searcher = SearchService(settings.search, embedder, metrics)
+        app.state.gateway = GatewayState(settings, metrics, pools, upstream, media, embedder, searcher)
         metrics_server = MetricsServer(metrics, settings.host, settings.metrics_port)
         if not settings.auth_enabled:
             log.warning("no API keys configured: /v1/* is open to anyone who can reach this port")
         pools.start(session)
         embedder.start()
+        if serves_retrieval:
+            await searcher.start()
         metrics_server.start()
         try:
             yield
         finally:
             metrics_server.stop()
             await pools.stop()
+            await searcher.stop()
             await embedder.close()
             await media.close()
             await session.close()
@@ -87,6 +93,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.router.routes.extend(completions.routes)
     app.include_router(models.router)
     app.include_router(embeddings.router)
+    app.include_router(search.router)
     app.include_router(health.router)
     if settings.metrics_port is None:
         app.add_route("/metrics", health.metrics_endpoint, methods=["GET"], include_in_schema=False)

@@ -4,28 +4,51 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from dataclasses import dataclass
 
-from gateway.config import Settings
+from gateway.config import ALL_SCOPES, Scope, Settings
+from gateway.errors import PermissionDenied
 
 BEARER = b"bearer "
 
 
+@dataclass(frozen=True, slots=True)
+class Identity:
+    key_id: str  # a digest prefix, never the key
+    scopes: frozenset[Scope]
+    namespace: str
+
+    def require(self, scope: Scope) -> None:
+        if scope not in self.scopes:
+            raise PermissionDenied(f"This API key lacks the '{scope}' scope.")
+
+
+ANONYMOUS = Identity("anonymous", frozenset(ALL_SCOPES), "default")
+
+
 class KeyChecker:
     def __init__(self, settings: Settings) -> None:
-        self._digests = [bytes.fromhex(d) for d in settings.api_key_hashes]
+        entries: list[tuple[bytes, frozenset[Scope], str | None]] = [
+            (bytes.fromhex(d), frozenset(ALL_SCOPES), None) for d in settings.api_key_hashes
+        ]
+        entries += [(bytes.fromhex(k.sha256 or ""), frozenset(k.scopes), k.namespace) for k in settings.keys]
+        self._entries = entries
 
     @property
     def enabled(self) -> bool:
-        return bool(self._digests)
+        return bool(self._entries)
 
-    def identify(self, authorization: bytes | None) -> str | None:
-        """The caller's key id (a digest prefix, never the key) or None when the header is missing or wrong."""
+    def identify(self, authorization: bytes | None) -> Identity | None:
+        """Who is calling, or None when the header is missing or names no configured key."""
         if not authorization or authorization[:7].lower() != BEARER:
             return None
         presented = hashlib.sha256(authorization[7:].strip()).digest()
-        match: bytes | None = None
+        match: tuple[bytes, frozenset[Scope], str | None] | None = None
         # Compare against every digest, without an early exit, so timing says nothing about which one matched.
-        for digest in self._digests:
-            if hmac.compare_digest(presented, digest):
-                match = digest
-        return match.hex()[:12] if match is not None else None
+        for entry in self._entries:
+            if hmac.compare_digest(presented, entry[0]):
+                match = entry
+        if match is None:
+            return None
+        key_id = match[0].hex()[:12]
+        return Identity(key_id, match[1], match[2] or key_id)

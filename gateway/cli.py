@@ -27,6 +27,7 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument("--api-key", action="append", help="accepted API key; repeatable (stored hashed)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--role", choices=["all", "proxy", "retrieval"])
+    serve.add_argument("--index-dir", type=Path, help="where search collections live")
     serve.add_argument("--clip-model", help='open_clip model name, or "tiny-random" (built in, no download)')
     serve.add_argument("--clip-pretrained", help="open_clip pretrained tag (fetched from the hub)")
     serve.add_argument("--clip-checkpoint", help="local CLIP weights (.safetensors, or torch weights_only)")
@@ -58,6 +59,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
     if clip:
         overrides["embeddings"] = clip
+    if args.index_dir is not None:
+        overrides["search"] = {"index_dir": args.index_dir}
     if args.api_key:
         overrides["api_keys"] = args.api_key
     if args.upstream or args.model:
@@ -93,12 +96,43 @@ def serve(settings: Settings) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def _index_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    index = commands.add_parser("index", help="search collections: ingest, export, restore")
+    actions = index.add_subparsers(dest="action", required=True)
+    export = actions.add_parser("export", help="archive one collection (safe while the gateway runs)")
+    export.add_argument("--index-dir", type=Path, required=True)
+    export.add_argument("--collection", required=True)
+    export.add_argument("--out", type=Path, required=True)
+    restore = actions.add_parser("restore", help="unpack an exported collection (start the gateway after)")
+    restore.add_argument("--index-dir", type=Path, required=True)
+    restore.add_argument("archive", type=Path)
+
+
+def _run_index(args: argparse.Namespace) -> None:
+    from gateway.search.archive import export_collection, restore_collection
+
+    if args.action == "export":
+        size = export_collection(args.index_dir, args.collection, args.out)
+        print(f"exported '{args.collection}' to {args.out} ({size} bytes)")
+    else:
+        args.index_dir.mkdir(parents=True, exist_ok=True)
+        print(f"restored '{restore_collection(args.index_dir, args.archive)}' into {args.index_dir}")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible gateway for vLLM + CLIP search")
     commands = parser.add_subparsers(dest="command", required=True)
     _serve_parser(commands)
     _local_stack_parser(commands)
-    args = parser.parse_args(argv)
+    _index_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "index":
+        _run_index(args)
+        return
     if args.command == "local-stack":
         from gateway.devstack import run_local_stack
 

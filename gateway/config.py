@@ -122,6 +122,39 @@ class ModelPool(BaseModel):
         return limits
 
 
+Scope = Literal["read", "write", "admin"]
+ALL_SCOPES: tuple[Scope, ...] = ("read", "write", "admin")
+
+
+class ScopedKey(BaseModel):
+    """An API key with limited rights: `read` (chat, embeddings, search, get), `write` (index items), `admin`
+    (collections, snapshots). `namespace` groups keys that share items; by default each key is its own."""
+
+    key: SecretStr | None = None  # hashed at load; or give the digest:
+    sha256: str | None = None
+    scopes: list[Scope] = Field(default_factory=lambda: list(ALL_SCOPES))
+    namespace: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+
+    @model_validator(mode="after")
+    def _one_digest(self) -> ScopedKey:
+        if self.key is not None:
+            self.sha256 = hash_api_key(self.key.get_secret_value())
+            self.key = None
+        if self.sha256 is None or len(self.sha256) != 64:
+            raise ValueError("a scoped key needs `key` or a 64-hex-digit `sha256`")
+        self.sha256 = self.sha256.lower()
+        return self
+
+
+class SearchSettings(BaseModel):
+    index_dir: Path = Field(default_factory=lambda: Path.home() / ".local" / "share" / "vlm-gateway" / "index")
+    snapshot_every: int = Field(10_000, ge=1)  # WAL records before a background snapshot
+    max_top_k: int = Field(1000, ge=1, le=100_000)
+    max_items_per_request: int = Field(1024, ge=1, le=100_000)
+    max_metadata_bytes: int = Field(16 * 1024, ge=2, le=1024 * 1024)
+    max_collections: int = Field(256, ge=1, le=100_000)
+
+
 def hash_api_key(key: str) -> str:
     """Keys are kept as SHA-256 digests only; a leaked config or heap dump reveals no usable key."""
     return hashlib.sha256(key.encode()).hexdigest()
@@ -139,10 +172,12 @@ class Settings(BaseSettings):
     models: list[ModelPool] = Field(default_factory=list, max_length=256)
     media: MediaSettings = Field(default_factory=MediaSettings)
     embeddings: EmbeddingsSettings = Field(default_factory=EmbeddingsSettings)
+    search: SearchSettings = Field(default_factory=SearchSettings)
 
     # Plaintext keys (from --api-key or GATEWAY_API_KEYS) are hashed at load; only digests are kept.
     api_keys: list[SecretStr] = Field(default_factory=list, exclude=True)
     api_key_hashes: list[str] = Field(default_factory=list)
+    keys: list[ScopedKey] = Field(default_factory=list, max_length=100_000)
 
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     # Bodies above this size are parsed and validated in a worker thread, off the event loop.
@@ -173,7 +208,7 @@ class Settings(BaseSettings):
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.api_key_hashes)
+        return bool(self.api_key_hashes or self.keys)
 
     def pool(self, name: str) -> ModelPool | None:
         return next((p for p in self.models if p.name == name), None)

@@ -47,12 +47,27 @@ class ManagedProcess:
     ready_url: str
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    file_size_limit: int | None = None  # RLIMIT_FSIZE for the child: a full disk, for real, without a mount
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
+        limit = self.file_size_limit
+
+        def limit_file_size() -> None:
+            if limit is not None:
+                import resource
+
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
         self.proc = subprocess.Popen(  # noqa: S603 - argv built by this module
-            self.argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True
+            self.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+            start_new_session=True,
+            preexec_fn=limit_file_size if limit is not None else None,
         )
         log.close()
 

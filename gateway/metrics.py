@@ -157,5 +157,37 @@ class GatewayMetrics:
             "gateway_embedding_rejections", "Embedding work refused or failed, by reason.", ["reason"], registry=r
         )
 
+        self.index_items = Gauge(
+            "gateway_index_items",
+            "Items held by each search collection (all namespaces).",
+            ["collection"],
+            registry=r,
+        )
+        self.index_snapshot_timestamp = Gauge(
+            "gateway_index_last_snapshot_timestamp_seconds",
+            "When each collection was last snapshotted (snapshot age = time() - this).",
+            ["collection"],
+            registry=r,
+        )
+        self.wal_fsync_seconds = Histogram(
+            "gateway_index_wal_fsync_seconds",
+            "WAL append + fsync time per acknowledged write.",
+            buckets=TOKEN_GAP_BUCKETS,
+            registry=r,
+        )
+        self.index_write_failures = Counter(
+            "gateway_index_write_failures",
+            "Writes refused because the WAL could not be made durable.",
+            ["collection"],
+            registry=r,
+        )
+        self.search_seconds = Histogram(
+            "gateway_search_seconds",
+            "Index search time per query (embedding excluded).",
+            ["collection"],
+            buckets=TOKEN_GAP_BUCKETS,
+            registry=r,
+        )
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

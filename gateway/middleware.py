@@ -9,7 +9,7 @@ import re
 import uuid
 
 from gateway.asgi import ASGIApp, Message, Receive, Send, send_error
-from gateway.auth import KeyChecker
+from gateway.auth import ANONYMOUS, KeyChecker
 from gateway.errors import PayloadTooLarge, Unauthorized
 
 REQUEST_ID_SAFE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
@@ -53,12 +53,13 @@ class GatewayMiddleware:
         if content_length is not None and (not content_length.isdigit() or int(content_length) > limit):
             await send_error(send_with_id, _too_large(limit))
             return
+        state["identity"] = ANONYMOUS
         if self.keys.enabled and scope["path"].startswith(PROTECTED_PREFIX):
-            key_id = self.keys.identify(authorization)
-            if key_id is None:
+            identity = self.keys.identify(authorization)
+            if identity is None:
                 await send_error(send_with_id, Unauthorized())
                 return
-            state["key_id"] = key_id
+            state["identity"] = identity
 
         received = 0
 

@@ -9,6 +9,7 @@ from gateway.config import Settings
 from gateway.embeddings.service import EmbeddingsService
 from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
+from gateway.search.service import SearchService
 from gateway.upstream.client import UpstreamClient
 from gateway.upstream.pool import Pools
 
@@ -21,4 +22,5 @@ class GatewayState:
     upstream: UpstreamClient
     media: MediaPreparer
     embeddings: EmbeddingsService
+    search: SearchService
     started_at: int = field(default_factory=lambda: int(time.time()))

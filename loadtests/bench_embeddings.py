@@ -75,8 +75,9 @@ async def endpoint_throughput(base_url: str, model: str, modality: str, concurre
             nonlocal done
             i = offset
             while time.perf_counter() < deadline:
-                async with session.post(f"{base_url}/v1/embeddings", data=body(i),
-                                        headers={"content-type": "application/json"}) as response:
+                async with session.post(
+                    f"{base_url}/v1/embeddings", data=body(i), headers={"content-type": "application/json"}
+                ) as response:
                     await response.read()
                     assert response.status == 200, response.status
                 done += 1
@@ -101,8 +102,12 @@ def bench_model(clip_model: str, modalities: list[str], seconds: float, log_dir:
     config = log_dir / f"bench-{clip_model}.yaml"
     config.write_text(yaml.safe_dump({"embeddings": settings.model_dump(), "log_level": "warning"}))
     port = free_port()
-    process = gateway_process(["--config", str(config)], port=port, log_path=log_dir / f"gateway-{port}.log",
-                              env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    process = gateway_process(
+        ["--config", str(config)],
+        port=port,
+        log_path=log_dir / f"gateway-{port}.log",
+        env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+    )
     process.argv[:0] = ["taskset", "-c", str(GATEWAY_CORE)]
     process.start()
     os.sched_setaffinity(0, {LOAD_CORE})
@@ -115,11 +120,15 @@ def bench_model(clip_model: str, modalities: list[str], seconds: float, log_dir:
                 rows.append(f"{clip_model:>12} {modality:>6} {'raw batch ' + str(batch):>16} {value:>10.1f}")
             best = raw[modality][64]
             for concurrency in (1, 16, 64):
-                runs = [asyncio.run(endpoint_throughput(base_url, settings.model_name(), modality, concurrency,
-                                                        seconds)) for _ in range(2)]
+                runs = [
+                    asyncio.run(endpoint_throughput(base_url, settings.model_name(), modality, concurrency, seconds))
+                    for _ in range(2)
+                ]
                 value = statistics.median(runs)
-                rows.append(f"{clip_model:>12} {modality:>6} {'endpoint c=' + str(concurrency):>16} {value:>10.1f}"
-                            f"   ratio to raw batch 64: {value / best:.2f}")
+                rows.append(
+                    f"{clip_model:>12} {modality:>6} {'endpoint c=' + str(concurrency):>16} {value:>10.1f}"
+                    f"   ratio to raw batch 64: {value / best:.2f}"
+                )
     finally:
         process.stop()
     return rows

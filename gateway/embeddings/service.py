@@ -103,24 +103,37 @@ class EmbeddingsService:
             raise InvalidRequest(f"At most {self.settings.max_inputs} inputs per request.", param="input")
         if request.dimensions is not None and request.dimensions > encoder.dim:
             raise InvalidRequest(f"dimensions must be at most {encoder.dim} for this model.", param="dimensions")
+        vectors, tokens = await self._encode(encoder, items, "input")
+        if request.dimensions is not None and request.dimensions < encoder.dim:
+            vectors = vectors[:, : request.dimensions]
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return _response(vectors, request, encoder.model_id, tokens)
+
+    async def embed_items(self, encoder: Encoder, items: list[Any], param: str) -> Vectors:
+        """Vectors for texts / image parts on behalf of another service (search), same rules and batching."""
+        vectors, _ = await self._encode(encoder, items, param)
+        return vectors
+
+    async def _encode(self, encoder: Encoder, items: list[Any], param: str) -> tuple[Vectors, int]:
         texts: list[tuple[int, str]] = []
         token_ids: list[tuple[int, list[int]]] = []
         images: list[tuple[int, str]] = []
         for i, item in enumerate(items):
-            if isinstance(item, ImagePart):
-                images.append((i, item.image_url.url))
+            if isinstance(item, ImagePart | dict):
+                url = item.image_url.url if isinstance(item, ImagePart) else item["image_url"]["url"]
+                images.append((i, url))
                 continue
             text = item.text if isinstance(item, TextInput) else item
             if isinstance(text, str):
                 if len(text) > self.settings.max_input_chars:
                     raise InvalidRequest(
-                        f"Input is longer than {self.settings.max_input_chars} characters.", param=f"input[{i}]"
+                        f"Input is longer than {self.settings.max_input_chars} characters.", param=f"{param}[{i}]"
                     )
                 texts.append((i, text))
             else:
                 vocab = getattr(encoder, "vocab_size", 1 << 31)
                 if any(token >= vocab for token in text):
-                    raise InvalidRequest(f"Token ids must be below {vocab}.", param=f"input[{i}]")
+                    raise InvalidRequest(f"Token ids must be below {vocab}.", param=f"{param}[{i}]")
                 token_ids.append((i, text))
         loop = asyncio.get_running_loop()
         text_rows: list[Any] = []
@@ -129,7 +142,7 @@ class EmbeddingsService:
         text_rows += [encoder.tokens_from_ids(ids) for _, ids in token_ids]
         text_positions = [i for i, _ in texts] + [i for i, _ in token_ids]
         pixel_rows = await self._media.load_images(
-            [(url, f"input[{i}].image_url") for i, url in images], encoder.preprocess
+            [(url, f"{param}[{i}].image_url") for i, url in images], encoder.preprocess
         )
         vectors = np.zeros((len(items), encoder.dim), np.float32)
         jobs = []
@@ -140,11 +153,8 @@ class EmbeddingsService:
         results = await asyncio.gather(*[job for _, job in jobs])
         for (positions, _), rows in zip(jobs, results, strict=True):
             vectors[positions] = rows
-        if request.dimensions is not None and request.dimensions < encoder.dim:
-            vectors = vectors[:, : request.dimensions]
-            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         tokens = sum(int((row != 0).sum()) for row in text_rows) + encoder.image_tokens * len(images)
-        return _response(vectors, request, encoder.model_id, tokens)
+        return vectors, tokens
 
 
 def _response(vectors: Vectors, request: EmbeddingRequest, model: str, tokens: int) -> bytes:

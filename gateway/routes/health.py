@@ -31,8 +31,10 @@ async def ready(request: Request) -> JSONResponse:
     embeddings = gateway.embeddings.status()
     if embeddings["state"] == "ready":
         servable.append(embeddings["model"])
-    ready_now = bool(servable) or (not models and embeddings["state"] == "disabled")
+    problems = gateway.search.problems()  # a corrupt index fails readiness loudly instead of serving empty
+    ready_now = not problems and (bool(servable) or (not models and embeddings["state"] == "disabled"))
     body = {
+        "problems": problems,
         "status": "ready" if ready_now else "unavailable",
         "servable_models": servable,
         "models": models,

@@ -7,6 +7,7 @@ from gateway.auth import KeyChecker
 from gateway.config import load_settings
 from gateway.errors import (
     ContextLengthExceeded,
+    PermissionDenied,
     RateLimited,
     UpstreamError,
     error_body,
@@ -19,8 +20,10 @@ def test_key_checker_accepts_only_configured_keys() -> None:
     checker = KeyChecker(load_settings(api_keys=["sk-alpha", "sk-beta"]))
     assert checker.enabled
     alpha = checker.identify(b"Bearer sk-alpha")
-    assert alpha is not None and len(alpha) == 12 and "sk-alpha" not in alpha
-    assert checker.identify(b"bearer sk-beta") not in (None, alpha)
+    assert alpha is not None and len(alpha.key_id) == 12 and "sk-alpha" not in alpha.key_id
+    assert alpha.namespace == alpha.key_id and alpha.scopes == {"read", "write", "admin"}
+    beta = checker.identify(b"bearer sk-beta")
+    assert beta is not None and beta.key_id != alpha.key_id
     for header in (None, b"", b"Bearer", b"Bearer sk-gamma", b"Basic sk-alpha", b"sk-alpha"):
         assert checker.identify(header) is None
 
@@ -66,3 +69,21 @@ def test_errors_carry_headers_without_sharing_them() -> None:
     limited = RateLimited("slow down", headers={"Retry-After": "3"})
     assert limited.headers == {"Retry-After": "3"}
     assert RateLimited().headers == {}
+
+
+def test_scoped_keys_carry_scopes_and_namespace() -> None:
+    settings = load_settings(
+        keys=[
+            {"key": "sk-reader", "scopes": ["read"], "namespace": "team-a"},
+            {"key": "sk-writer", "scopes": ["read", "write"], "namespace": "team-a"},
+        ]
+    )
+    assert "sk-reader" not in settings.model_dump_json()
+    checker = KeyChecker(settings)
+    reader, writer = checker.identify(b"Bearer sk-reader"), checker.identify(b"Bearer sk-writer")
+    assert reader is not None and writer is not None
+    assert reader.namespace == writer.namespace == "team-a"
+    reader.require("read")
+    with pytest.raises(PermissionDenied):
+        reader.require("write")
+    writer.require("write")

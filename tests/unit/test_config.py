@@ -6,7 +6,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from gateway.cli import _overrides, main
+from gateway.cli import _overrides, build_parser, main
 from gateway.config import hash_api_key, load_settings
 
 
@@ -56,24 +56,35 @@ def test_invalid_configuration_is_refused(tmp_path: Path, bad: dict[str, object]
 
 
 def test_cli_flags_build_one_pool() -> None:
-    import argparse
-
-    args = argparse.Namespace(
-        host=None,
-        port=8080,
-        metrics_port=None,
-        log_level=None,
-        api_key=["k1", "k2"],
-        upstream=["http://127.0.0.1:8000", "http://127.0.0.1:8001"],
-        model="qwen",
-        limit_mm_per_prompt='{"image":2,"video":1}',
-        max_model_len=4096,
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--port",
+            "8080",
+            "--api-key",
+            "k1",
+            "--api-key",
+            "k2",
+            "--upstream",
+            "http://127.0.0.1:8000",
+            "--upstream",
+            "http://127.0.0.1:8001",
+            "--model",
+            "qwen",
+            "--limit-mm-per-prompt",
+            '{"image":2,"video":1}',
+            "--max-model-len",
+            "4096",
+            "--clip-model",
+            "tiny-random",
+        ]
     )
     settings = load_settings(**_overrides(args))
     pool = settings.pool("qwen")
     assert pool is not None and len(pool.upstreams) == 2
     assert pool.limit_mm_per_prompt == {"image": 2, "video": 1}
     assert pool.max_model_len == 4096 and len(settings.api_key_hashes) == 2
+    assert settings.embeddings.clip_model == "tiny-random"
 
 
 def test_missing_config_file_exits_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,159 @@
+"""A durable collection: per-namespace shards in memory, one writer, every acknowledged write in the WAL first."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from gateway.search.config import IndexSpec
+from gateway.search.index import Filter, Hit, Shard
+from gateway.search.store import CollectionStore, CorruptIndex, Record, Snapshot, fsync_dir
+
+log = logging.getLogger("gateway.search")
+META_NAME = "collection.json"
+
+
+@dataclass(frozen=True)
+class CollectionMeta:
+    name: str
+    dim: int
+    encoder: str | None  # the encoder whose vectors it holds; None for vector-only collections
+    index: IndexSpec
+    created: int
+
+    def dump(self) -> bytes:
+        return orjson.dumps(
+            {
+                "name": self.name,
+                "dim": self.dim,
+                "encoder": self.encoder,
+                "index": self.index.model_dump(),
+                "created": self.created,
+            }
+        )
+
+    @classmethod
+    def load(cls, raw: bytes) -> CollectionMeta:
+        data = orjson.loads(raw)
+        return cls(data["name"], data["dim"], data["encoder"], IndexSpec(**data["index"]), data["created"])
+
+
+class Collection:
+    def __init__(self, directory: Path, meta: CollectionMeta, writer: ThreadPoolExecutor) -> None:
+        self.directory = directory
+        self.meta = meta
+        self.store = CollectionStore(directory)
+        self.shards: dict[str, Shard] = {}
+        self.seq = 0
+        self.records_since_snapshot = 0
+        self.last_snapshot = time.time()
+        self.state = "ready"
+        self.error: str | None = None
+        self._writer = writer  # the one thread that touches this collection's files
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def create(cls, directory: Path, meta: CollectionMeta, writer: ThreadPoolExecutor) -> Collection:
+        directory.mkdir(parents=True)
+        temporary = directory / (META_NAME + ".tmp")
+        temporary.write_bytes(meta.dump())
+        temporary.replace(directory / META_NAME)
+        fsync_dir(directory)
+        fsync_dir(directory.parent)
+        collection = cls(directory, meta, writer)
+        collection.store.open_wal()
+        return collection
+
+    def load(self) -> None:
+        """Snapshot, then the WAL on top. Runs in the writer thread at start-up."""
+        try:
+            snapshot = self.store.read_snapshot()
+            for namespace, (ids, metadata, vectors) in snapshot.shards.items():
+                shard = self._shard(namespace)
+                for item_id, meta, vector in zip(ids, metadata, vectors, strict=True):
+                    shard.upsert(item_id, vector, meta)
+            self.seq = snapshot.seq
+            replayed = 0
+            for record in self.store.replay():
+                if record.seq > self.seq:
+                    self._apply(record)
+                    self.seq = record.seq
+                    replayed += 1
+            self.records_since_snapshot = replayed
+            if self.store.snapshot_path.exists():
+                self.last_snapshot = self.store.snapshot_path.stat().st_mtime
+        except (CorruptIndex, ValueError, KeyError, OSError) as exc:
+            self.state, self.error = "corrupt", f"collection '{self.meta.name}' cannot be loaded: {exc}"
+            log.error("%s", self.error)
+            return
+        self.store.open_wal()
+        log.info("collection %s: %d items, %d WAL records replayed", self.meta.name, self.count(), replayed)
+
+    def _shard(self, namespace: str) -> Shard:
+        shard = self.shards.get(namespace)
+        if shard is None:
+            shard = self.shards[namespace] = Shard(self.meta.dim, self.meta.index)
+        return shard
+
+    def _apply(self, record: Record) -> None:
+        if record.op == "upsert":
+            assert record.vector is not None
+            self._shard(record.namespace).upsert(record.item_id, record.vector, record.metadata or {})
+        else:
+            shard = self.shards.get(record.namespace)
+            if shard is not None:
+                shard.delete(record.item_id)
+
+    def count(self) -> int:
+        return sum(len(shard) for shard in self.shards.values())
+
+    async def write(self, records: list[Record]) -> None:
+        """Sequence, log + fsync in the writer thread, then apply. Returns only once the records are durable."""
+        async with self._lock:
+            first = self.seq + 1
+            for offset, record in enumerate(records):
+                record.seq = first + offset
+            await asyncio.get_running_loop().run_in_executor(self._writer, self.store.append, records)
+            self.seq += len(records)
+            for record in records:
+                self._apply(record)
+            self.records_since_snapshot += len(records)
+
+    async def snapshot(self) -> None:
+        async with self._lock:
+            shards = {ns: shard.items() for ns, shard in self.shards.items() if len(shard)}
+            snapshot = Snapshot(seq=self.seq, shards=shards)
+            await asyncio.get_running_loop().run_in_executor(self._writer, self.store.write_snapshot, snapshot)
+            self.records_since_snapshot = 0
+            self.last_snapshot = time.time()
+
+    def get(self, namespace: str, item_id: str) -> Hit | None:
+        shard = self.shards.get(namespace)
+        return shard.get(item_id) if shard is not None else None
+
+    def search(self, namespace: str, query: np.ndarray, top_k: int, where: Filter | None) -> list[Hit]:
+        shard = self.shards.get(namespace)
+        return shard.search(query, top_k, where) if shard is not None else []
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.meta.name,
+            "dimensions": self.meta.dim,
+            "encoder": self.meta.encoder,
+            "index": self.meta.index.model_dump(),
+            "created": self.meta.created,
+            "items": self.count(),
+            "state": self.state,
+            "error": self.error,
+        }
+
+    def close(self) -> None:
+        self.store.close()

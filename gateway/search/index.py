@@ -1,0 +1,158 @@
+"""One namespace's items in one collection: vectors, ids, metadata, and an optional FAISS accelerator.
+
+Rows are appended; an upsert of a known id retires its old row, a delete retires the row. Exact search scores
+every live row (inner product on L2-normalised vectors = cosine). An HNSW or IVF index, when the collection asks
+for one, covers a frozen prefix of rows and is rebuilt in a background thread; rows added since are searched
+exactly (the "delta"), so a search never waits for a build and never sees a half-built index: the new one is
+swapped in under the lock once complete.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gateway.search.config import IndexSpec
+
+Filter = Callable[[dict[str, Any]], bool]
+
+
+@dataclass(slots=True)
+class Hit:
+    item_id: str
+    score: float
+    metadata: dict[str, Any]
+    vector: np.ndarray
+
+
+class Shard:
+    def __init__(self, dim: int, spec: IndexSpec) -> None:
+        self.dim = dim
+        self.spec = spec
+        self._lock = threading.RLock()
+        self._vectors = np.zeros((64, dim), np.float32)
+        self._alive = np.zeros(64, bool)
+        self._ids: list[str] = []
+        self._metadata: list[dict[str, Any]] = []
+        self._rows: dict[str, int] = {}
+        self._ann: Any = None
+        self._ann_rows = 0  # rows [0, _ann_rows) are covered by _ann
+        self._building = False
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    # -- writes (the collection's single writer calls these) -----------------------------------------------
+    def upsert(self, item_id: str, vector: np.ndarray, metadata: dict[str, Any]) -> None:
+        with self._lock:
+            old = self._rows.get(item_id)
+            if old is not None:
+                self._alive[old] = False
+            row = len(self._ids)
+            if row == len(self._alive):
+                self._vectors = np.concatenate([self._vectors, np.zeros_like(self._vectors)])
+                self._alive = np.concatenate([self._alive, np.zeros_like(self._alive)])
+            self._vectors[row] = vector
+            self._alive[row] = True
+            self._ids.append(item_id)
+            self._metadata.append(metadata)
+            self._rows[item_id] = row
+        self._maybe_rebuild()
+
+    def delete(self, item_id: str) -> bool:
+        with self._lock:
+            row = self._rows.pop(item_id, None)
+            if row is None:
+                return False
+            self._alive[row] = False
+            return True
+
+    # -- reads ---------------------------------------------------------------------------------------------
+    def get(self, item_id: str) -> Hit | None:
+        with self._lock:
+            row = self._rows.get(item_id)
+            if row is None:
+                return None
+            return Hit(item_id, 1.0, self._metadata[row], self._vectors[row].copy())
+
+    def items(self) -> tuple[list[str], list[dict[str, Any]], np.ndarray]:
+        """Live items in row order (what a snapshot stores)."""
+        with self._lock:
+            rows = sorted(self._rows.values())
+            return [self._ids[r] for r in rows], [self._metadata[r] for r in rows], self._vectors[rows].copy()
+
+    def search(self, query: np.ndarray, top_k: int, where: Filter | None) -> list[Hit]:
+        with self._lock:
+            count = len(self._ids)
+            if count == 0 or not self._rows:
+                return []
+            mask = self._alive[:count].copy()
+            if where is not None:
+                mask &= np.fromiter((where(m) for m in self._metadata), bool, count)
+            if self._ann is not None and where is None:
+                rows, scores = self._ann_candidates(query, top_k, mask)
+            else:
+                rows, scores = self._exact(query, top_k, mask, 0, count)
+            return [
+                Hit(self._ids[r], float(s), self._metadata[r], self._vectors[r].copy())
+                for r, s in zip(rows, scores, strict=True)
+            ]
+
+    def _exact(
+        self, query: np.ndarray, top_k: int, mask: np.ndarray, start: int, stop: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        scores = self._vectors[start:stop] @ query
+        scores[~mask[start:stop]] = -np.inf
+        k = min(top_k, int(mask[start:stop].sum()))
+        if k == 0:
+            return np.zeros(0, int), np.zeros(0, np.float32)
+        best = np.argpartition(-scores, k - 1)[:k]
+        best = best[np.argsort(-scores[best])]
+        return best + start, scores[best]
+
+    def _ann_candidates(self, query: np.ndarray, top_k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        covered = self._ann_rows
+        dead = int(covered - mask[:covered].sum())
+        fetch = min(covered, top_k + dead + 8)
+        scores, rows = self._ann.search(query.reshape(1, -1), fetch)
+        keep = (rows[0] >= 0) & mask[np.clip(rows[0], 0, None)]
+        ann_rows, ann_scores = rows[0][keep], scores[0][keep]
+        delta_rows, delta_scores = self._exact(query, top_k, mask, covered, len(self._ids))
+        all_rows = np.concatenate([ann_rows, delta_rows])
+        all_scores = np.concatenate([ann_scores, delta_scores])
+        order = np.argsort(-all_scores)[:top_k]
+        return all_rows[order], all_scores[order]
+
+    # -- the accelerator -----------------------------------------------------------------------------------
+    def _maybe_rebuild(self) -> None:
+        if self.spec.kind == "flat" or self._building:
+            return
+        count = len(self._ids)
+        if count < self.spec.min_rows_for_ann or count - self._ann_rows < max(1, self._ann_rows // 10):
+            return
+        self._building = True
+        threading.Thread(target=self._rebuild, name="faiss-build", daemon=True).start()
+
+    def _rebuild(self) -> None:
+        try:
+            with self._lock:
+                covered = len(self._ids)
+                vectors = self._vectors[:covered].copy()
+            index = self.spec.build(self.dim, vectors)  # slow part, outside the lock
+            with self._lock:
+                self._ann, self._ann_rows = index, covered
+        finally:
+            self._building = False
+        self._maybe_rebuild()
+
+    def wait_for_build(self, timeout: float = 60.0) -> None:
+        """For tests and benchmarks: block until no build is running."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self._building and time.monotonic() < deadline:
+            time.sleep(0.01)

@@ -1,0 +1,286 @@
+"""Collections on disk under `search.index_dir`, and the operations the routes call.
+
+Every item lives in the caller's namespace (from its API key): another key's items are invisible to search, get
+and delete. Text and image items are embedded with the gateway's CLIP encoder; a collection records that
+encoder, and one whose encoder differs from the running one is refused with a clear message rather than mixing
+vector spaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import orjson
+
+from gateway.config import SearchSettings
+from gateway.embeddings.service import EmbeddingsService
+from gateway.errors import GatewayError, InvalidRequest, NotFound, ServiceUnavailable
+from gateway.metrics import GatewayMetrics
+from gateway.protocol.search import Content, CreateCollection, Item, SearchRequest
+from gateway.search.collection import META_NAME, Collection, CollectionMeta
+from gateway.search.index import Filter
+from gateway.search.store import Record
+
+log = logging.getLogger("gateway.search")
+
+
+class Conflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    code: str | None = "conflict"
+
+
+class StorageFailed(GatewayError):
+    status = 507
+    type = "storage_error"
+    code: str | None = "index_storage_failed"
+    message = "The index could not be written durably; nothing was acknowledged. Retry later."
+
+
+def compile_filter(spec: dict[str, Any] | None) -> Filter | None:
+    """A predicate on metadata: each key equals its value, or is one of {"in": [values]}."""
+    if not spec:
+        return None
+    conditions: list[tuple[str, list[Any]]] = []
+    for key, value in spec.items():
+        if isinstance(value, dict):
+            if set(value) != {"in"}:
+                raise InvalidRequest(f"filter.{key} must be a value or {{'in': [values]}}.", param=f"filter.{key}")
+            conditions.append((key, list(value["in"])))
+        else:
+            conditions.append((key, [value]))
+
+    def matches(metadata: dict[str, Any]) -> bool:
+        return all(metadata.get(key) in allowed for key, allowed in conditions)
+
+    return matches
+
+
+class SearchService:
+    def __init__(self, settings: SearchSettings, embeddings: EmbeddingsService, metrics: GatewayMetrics) -> None:
+        self.settings = settings
+        self.embeddings = embeddings
+        self.metrics = metrics
+        self.collections: dict[str, Collection] = {}
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="index-writer")
+        self._snapshotting: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        root = self.settings.index_dir
+        root.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        for directory in sorted(p for p in root.iterdir() if (p / META_NAME).is_file()):
+            meta = CollectionMeta.load((directory / META_NAME).read_bytes())
+            collection = Collection(directory, meta, self._writer)
+            await loop.run_in_executor(self._writer, collection.load)
+            self.collections[meta.name] = collection
+            self._update_gauges(collection)
+
+    async def stop(self) -> None:
+        """A final snapshot of every collection with unsnapshotted writes (SIGTERM path), then close."""
+        for collection in self.collections.values():
+            if collection.state == "ready" and collection.records_since_snapshot:
+                try:
+                    await collection.snapshot()
+                except OSError:
+                    log.exception("final snapshot of %s failed; its WAL still holds every write", collection.meta.name)
+            collection.close()
+        self._writer.shutdown(wait=True)
+
+    def problems(self) -> list[str]:
+        return [c.error or c.meta.name for c in self.collections.values() if c.state != "ready"]
+
+    def _check_encoder(self, collection: Collection) -> None:
+        encoder = self.embeddings.encoder
+        wanted = collection.meta.encoder
+        if wanted is not None and encoder is not None and encoder.model_id != wanted:
+            collection.state = "encoder_mismatch"
+            collection.error = (
+                f"collection '{collection.meta.name}' holds vectors of '{wanted}' but this gateway "
+                f"runs '{encoder.model_id}'; it is not served"
+            )
+
+    # -- collections -----------------------------------------------------------------------------------------
+    def _get(self, name: str) -> Collection:
+        collection = self.collections.get(name)
+        if collection is None:
+            raise NotFound(f"The collection '{name}' does not exist.", param="collection")
+        self._check_encoder(collection)
+        if collection.state != "ready":
+            raise ServiceUnavailable(collection.error or "The collection is not available.")
+        return collection
+
+    async def create(self, request: CreateCollection) -> dict[str, Any]:
+        if request.name in self.collections:
+            raise Conflict(f"The collection '{request.name}' already exists.", param="name")
+        if len(self.collections) >= self.settings.max_collections:
+            raise InvalidRequest(f"At most {self.settings.max_collections} collections.")
+        encoder_id, dim = None, request.dimensions
+        if dim is None:
+            encoder = await self._encoder()
+            encoder_id, dim = encoder.model_id, encoder.dim
+        meta = CollectionMeta(request.name, dim, encoder_id, request.index, int(time.time()))
+        directory = self.settings.index_dir / request.name
+        if directory.exists():  # leftovers of a deletion interrupted by a crash
+            shutil.rmtree(directory)
+        collection = await asyncio.get_running_loop().run_in_executor(
+            self._writer, Collection.create, directory, meta, self._writer
+        )
+        self.collections[request.name] = collection
+        return collection.describe()
+
+    async def delete_collection(self, name: str) -> None:
+        collection = self.collections.pop(name, None)
+        if collection is None:
+            raise NotFound(f"The collection '{name}' does not exist.", param="collection")
+        collection.close()
+        await asyncio.get_running_loop().run_in_executor(self._writer, shutil.rmtree, collection.directory)
+
+    def describe(self, namespace: str) -> list[dict[str, Any]]:
+        out = []
+        for collection in self.collections.values():
+            self._check_encoder(collection)
+            info = collection.describe()
+            shard = collection.shards.get(namespace)
+            info["items"] = len(shard) if shard is not None else 0  # other tenants' counts are not shown
+            out.append(info)
+        return out
+
+    async def snapshot(self, name: str) -> None:
+        await self._get(name).snapshot()
+
+    # -- items -----------------------------------------------------------------------------------------------
+    async def _encoder(self) -> Any:
+        if self.embeddings.encoder is None:
+            await asyncio.wait_for(self.embeddings.wait_ready(), 120)
+        if self.embeddings.encoder is None:
+            raise ServiceUnavailable("The embedding model is not available.", headers={"Retry-After": "5"})
+        return self.embeddings.encoder
+
+    async def _vectors(self, collection: Collection, contents: list[Content], param: str) -> np.ndarray:
+        """L2-normalised vectors for contents, embedding texts and images in one batch each."""
+        out = np.zeros((len(contents), collection.meta.dim), np.float32)
+        to_embed: list[tuple[int, Any]] = []
+        for i, content in enumerate(contents):
+            if content.vector is not None:
+                if len(content.vector) != collection.meta.dim:
+                    raise InvalidRequest(
+                        f"The vector must have {collection.meta.dim} dimensions.", param=f"{param}[{i}].vector"
+                    )
+                out[i] = content.vector
+            elif collection.meta.encoder is None:
+                raise InvalidRequest("This collection holds vectors only; send `vector`.", param=f"{param}[{i}]")
+            else:
+                to_embed.append(
+                    (
+                        i,
+                        content.text
+                        if content.text is not None
+                        else {"type": "image_url", "image_url": {"url": content.image_url}},
+                    )
+                )
+        if to_embed:
+            encoder = await self._encoder()
+            vectors = await self.embeddings.embed_items(encoder, [item for _, item in to_embed], param)
+            out[[i for i, _ in to_embed]] = vectors
+        norms = np.linalg.norm(out, axis=1)
+        zero = np.flatnonzero(norms < 1e-12)
+        if len(zero):
+            raise InvalidRequest("A zero vector cannot be indexed or searched.", param=f"{param}[{int(zero[0])}]")
+        normalised: np.ndarray = out / norms[:, None]
+        return normalised
+
+    async def upsert(self, name: str, namespace: str, items: list[Item]) -> int:
+        collection = self._get(name)
+        if len(items) > self.settings.max_items_per_request:
+            raise InvalidRequest(f"At most {self.settings.max_items_per_request} items per request.", param="items")
+        ids = [item.id for item in items]
+        if len(set(ids)) != len(ids):
+            raise InvalidRequest("Item ids must be unique within one request.", param="items")
+        for i, item in enumerate(items):
+            if len(orjson.dumps(item.metadata)) > self.settings.max_metadata_bytes:
+                raise InvalidRequest(
+                    f"Metadata is limited to {self.settings.max_metadata_bytes} bytes.", param=f"items[{i}].metadata"
+                )
+        vectors = await self._vectors(collection, list(items), "items")
+        records = [
+            Record(0, "upsert", namespace, item.id, item.metadata, vector)
+            for item, vector in zip(items, vectors, strict=True)
+        ]
+        await self._write(collection, records)
+        return len(records)
+
+    async def delete_item(self, name: str, namespace: str, item_id: str) -> bool:
+        collection = self._get(name)
+        if collection.get(namespace, item_id) is None:
+            return False
+        await self._write(collection, [Record(0, "delete", namespace, item_id)])
+        return True
+
+    async def _write(self, collection: Collection, records: list[Record]) -> None:
+        started = time.perf_counter()
+        try:
+            await collection.write(records)
+        except OSError as exc:
+            log.error("WAL write to %s failed: %s", collection.meta.name, exc.strerror or exc)
+            self.metrics.index_write_failures.labels(collection.meta.name).inc()
+            raise StorageFailed() from None
+        self.metrics.wal_fsync_seconds.observe(time.perf_counter() - started)
+        self._update_gauges(collection)
+        if (
+            collection.records_since_snapshot >= self.settings.snapshot_every
+            and collection.meta.name not in self._snapshotting
+        ):
+            self._snapshotting.add(collection.meta.name)
+            task = asyncio.create_task(self._background_snapshot(collection))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _background_snapshot(self, collection: Collection) -> None:
+        try:
+            await collection.snapshot()
+            self._update_gauges(collection)
+        except OSError:
+            log.exception("snapshot of %s failed; the WAL keeps every write", collection.meta.name)
+        finally:
+            self._snapshotting.discard(collection.meta.name)
+
+    def _update_gauges(self, collection: Collection) -> None:
+        self.metrics.index_items.labels(collection.meta.name).set(collection.count())
+        self.metrics.index_snapshot_timestamp.labels(collection.meta.name).set(collection.last_snapshot)
+
+    def get(self, name: str, namespace: str, item_id: str) -> dict[str, Any]:
+        hit = self._get(name).get(namespace, item_id)
+        if hit is None:
+            raise NotFound(f"No item '{item_id}' in collection '{name}'.", param="id")
+        return {"object": "item", "id": hit.item_id, "metadata": hit.metadata, "vector": hit.vector.tolist()}
+
+    async def search(self, request: SearchRequest, namespace: str) -> dict[str, Any]:
+        collection = self._get(request.collection)
+        if request.top_k > self.settings.max_top_k:
+            raise InvalidRequest(f"top_k must be at most {self.settings.max_top_k}.", param="top_k")
+        where = compile_filter(request.filter)
+        query = (await self._vectors(collection, [request.query], "query"))[0]
+        started = time.perf_counter()
+        hits = await asyncio.to_thread(collection.search, namespace, query, request.top_k, where)
+        self.metrics.search_seconds.labels(collection.meta.name).observe(time.perf_counter() - started)
+        data = []
+        for hit in hits:
+            row: dict[str, Any] = {
+                "object": "search_result",
+                "id": hit.item_id,
+                "score": hit.score,
+                "metadata": hit.metadata,
+            }
+            if request.include_vectors:
+                row["vector"] = hit.vector.tolist()
+            data.append(row)
+        return {"object": "list", "data": data, "collection": collection.meta.name, "model": collection.meta.encoder}
