@@ -9,6 +9,7 @@ else, or a snapshot whose checksum fails, is reported as corruption rather than 
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zlib
@@ -90,8 +91,15 @@ class CollectionStore:
         """Write and fsync; on any I/O error the log is cut back to where it was, and the error propagates."""
         assert self._wal is not None
         start = self._wal.tell()
+        data = memoryview(b"".join(record.encode() for record in records))
         try:
-            self._wal.write(b"".join(record.encode() for record in records))
+            written = 0
+            while written < len(data):
+                # An unbuffered write may stop short (a full disk, a file-size limit) without raising.
+                count = self._wal.write(data[written:])
+                if not count:
+                    raise OSError(errno.ENOSPC, "short write to the WAL")
+                written += count
             os.fsync(self._wal.fileno())
         except OSError:
             try:
