@@ -225,3 +225,48 @@ def test_adds_and_searches_at_once_with_background_rebuilds(tmp_path: Path, log_
             ).json()["data"]
             hits += top[0]["id"] == item_id
         assert hits >= 27, "every item stays findable while the HNSW graph is rebuilt and swapped"
+
+
+def test_corrupt_snapshot_fails_readiness_loudly(tmp_path: Path, log_dir: Path) -> None:
+    index_dir = tmp_path / "index"
+    args = _args(tmp_path, index_dir)
+    rng = random.Random(5)
+    with run_gateway(args, log_dir) as gateway, httpx.Client(base_url=gateway.base_url, timeout=10) as client:
+        _create(client)
+        client.post("/v1/collections/c/items", json={"items": [{"id": "a", "vector": _vector(rng)}]})
+    snapshot = index_dir / "c" / "snapshot.bin"
+    data = bytearray(snapshot.read_bytes())
+    data[-10] ^= 0xFF
+    snapshot.write_bytes(bytes(data))
+    with run_gateway(args, log_dir) as gateway, httpx.Client(base_url=gateway.base_url, timeout=10) as client:
+        ready = client.get("/health/ready")
+        assert ready.status_code == 503
+        assert "checksum" in ready.json()["problems"][0]
+        assert client.get("/health/live").status_code == 200
+        response = client.get("/v1/collections/c/items/a")
+        assert response.status_code == 503 and "cannot be loaded" in response.json()["error"]["message"]
+
+
+def test_a_collection_from_another_encoder_is_not_served(tmp_path: Path, log_dir: Path) -> None:
+    index_dir = tmp_path / "index"
+
+    def args(served_name: str) -> list[str]:
+        config = write_config(
+            tmp_path / f"{served_name}.yaml",
+            [],
+            search={"index_dir": str(index_dir)},
+            embeddings={"clip_model": "tiny-random", "served_name": served_name},
+        )
+        return ["--config", str(config)]
+
+    with run_gateway(args("clip-a"), log_dir) as gateway, httpx.Client(base_url=gateway.base_url, timeout=60) as c:
+        assert c.post("/v1/collections", json={"name": "pics"}).status_code == 201
+        assert c.post("/v1/collections/pics/items", json={"items": [{"id": "t", "text": "hello"}]}).status_code == 200
+    with run_gateway(args("clip-b"), log_dir) as gateway, httpx.Client(base_url=gateway.base_url, timeout=60) as c:
+        for _ in range(300):
+            if c.get("/health/ready").json()["embeddings"]["state"] == "ready":
+                break
+            time.sleep(0.1)
+        response = c.post("/v1/search", json={"collection": "pics", "query": {"text": "hello"}})
+        assert response.status_code == 503
+        assert "holds vectors of 'clip-a'" in response.json()["error"]["message"]
