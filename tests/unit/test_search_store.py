@@ -27,7 +27,7 @@ def _store(tmp_path: Path) -> CollectionStore:
 
 def test_records_round_trip(tmp_path: Path) -> None:
     store = _store(tmp_path)
-    written = _records(5) + [Record(6, "delete", "ns", "id2")]
+    written = [*_records(5), Record(6, "delete", "ns", "id2")]
     store.append(written)
     store.close()
     read = list(CollectionStore(tmp_path).replay())
