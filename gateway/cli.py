@@ -99,6 +99,13 @@ def serve(settings: Settings) -> None:
 def _index_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     index = commands.add_parser("index", help="search collections: ingest, export, restore")
     actions = index.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="send a folder (or glob) of images to a running gateway; resumable")
+    add.add_argument("source", help="folder, or a glob such as 'photos/**/*.jpg'")
+    add.add_argument("--collection", required=True)
+    add.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway")
+    add.add_argument("--api-key", help="a key with the write scope (admin too, to create the collection)")
+    add.add_argument("--captions", type=Path, help="file,caption CSV or JSON lines with file/caption")
+    add.add_argument("--batch-size", type=int, default=16)
     export = actions.add_parser("export", help="archive one collection (safe while the gateway runs)")
     export.add_argument("--index-dir", type=Path, required=True)
     export.add_argument("--collection", required=True)
@@ -111,7 +118,17 @@ def _index_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
 def _run_index(args: argparse.Namespace) -> None:
     from gateway.search.archive import export_collection, restore_collection
 
-    if args.action == "export":
+    if args.action == "add":
+        from gateway.search.ingest import ingest
+
+        result = ingest(
+            args.source, args.collection, args.url, args.api_key, captions=args.captions, batch_size=args.batch_size
+        )
+        print(
+            f"indexed {result.sent} images into '{args.collection}' ({result.skipped} already done) "
+            f"in {result.seconds:.1f}s: {result.rate:.1f} images/s"
+        )
+    elif args.action == "export":
         size = export_collection(args.index_dir, args.collection, args.out)
         print(f"exported '{args.collection}' to {args.out} ({size} bytes)")
     else:

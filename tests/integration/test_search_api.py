@@ -159,3 +159,51 @@ def test_search_bounds_and_unknown_collection(gateway: RunningGateway) -> None:
         ).status_code
         == 400
     )
+
+
+def test_index_add_ingests_a_folder_with_captions_and_resumes(
+    gateway: RunningGateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli import main as cli_main
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    colours = {f"img{i}.png": (20 * i, 255 - 20 * i, 90) for i in range(6)}
+    for name, colour in list(colours.items())[:4]:
+        (folder / name).write_bytes(png_bytes(64, 48, colour))
+    (folder / "captions.csv").write_text("img0.png,a green field\nimg5.png,a red sunset\n")
+    argv = [
+        "index",
+        "add",
+        str(folder),
+        "--collection",
+        "media",
+        "--url",
+        gateway.base_url,
+        "--api-key",
+        WRITER_A,
+        "--captions",
+        str(folder / "captions.csv"),
+        "--batch-size",
+        "3",
+    ]
+    cli_main(argv)
+    assert "indexed 4 images" in capsys.readouterr().out
+    for name, colour in list(colours.items())[4:]:
+        (folder / "sub" / name).write_bytes(png_bytes(64, 48, colour))
+    cli_main(argv)
+    assert "indexed 2 images into 'media' (4 already done)" in capsys.readouterr().out
+    reader = _client(gateway, READER_A)
+    image_query = {
+        "image_url": "data:image/png;base64," + base64.b64encode(png_bytes(64, 48, colours["img3.png"])).decode()
+    }
+    hit = reader.post(
+        "/v1/search", json={"collection": "media", "query": image_query, "top_k": 1, "filter": {"kind": "image"}}
+    ).json()["data"][0]
+    assert hit["id"] == "img3.png" and hit["metadata"]["path"] == "img3.png"
+    caption = reader.post(
+        "/v1/search",
+        json={"collection": "media", "query": {"text": "a green field"}, "top_k": 1, "filter": {"kind": "caption"}},
+    ).json()["data"][0]
+    assert caption["id"] == "img0.png#caption"
+    assert reader.get("/v1/collections/media/items/img0.png").json()["metadata"]["caption"] == "a green field"

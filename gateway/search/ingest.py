@@ -1,0 +1,123 @@
+"""`gateway index add DIR_OR_GLOB --collection NAME`: send a folder of images (and captions) to a gateway.
+
+It talks to the running gateway over HTTP, because the gateway is the collection's single writer. Item ids are
+the files' paths relative to the folder, so re-running is idempotent; a progress file beside the images records
+finished ids, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import glob
+import json
+import mimetypes
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
+
+
+@dataclass
+class IngestResult:
+    sent: int
+    skipped: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.sent / self.seconds if self.seconds else 0.0
+
+
+def find_images(source: str) -> tuple[Path, list[Path]]:
+    """(root the ids are relative to, image files in a stable order)."""
+    path = Path(source)
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        return path, sorted(files)
+    files = [Path(p) for p in glob.glob(source, recursive=True)]
+    files = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    root = Path(glob.escape(source.split("*")[0]) or ".").parent if "*" in source else path.parent
+    return root, sorted(files)
+
+
+def read_captions(path: Path | None) -> dict[str, str]:
+    """`file,caption` CSV or JSON lines `{"file": ..., "caption": ...}`, keyed by file name or relative path."""
+    if path is None:
+        return {}
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return {row["file"]: row["caption"] for row in rows}
+    with path.open(newline="") as handle:
+        return {row[0]: row[1] for row in csv.reader(handle) if len(row) >= 2}
+
+
+def _items(root: Path, files: list[Path], captions: dict[str, str], done: set[str]) -> Iterator[dict[str, Any]]:
+    for file in files:
+        item_id = file.relative_to(root).as_posix()
+        if item_id in done:
+            continue
+        mime = mimetypes.guess_type(file.name)[0] or "image/png"
+        url = f"data:{mime};base64," + base64.b64encode(file.read_bytes()).decode()
+        caption = captions.get(item_id) or captions.get(file.name)
+        metadata: dict[str, Any] = {"kind": "image", "path": item_id}
+        if caption:
+            metadata["caption"] = caption
+        yield {"id": item_id, "image_url": url, "metadata": metadata}
+        if caption:  # the caption as its own item, for image -> text retrieval
+            yield {"id": f"{item_id}#caption", "text": caption, "metadata": {"kind": "caption", "path": item_id}}
+
+
+def ingest(
+    source: str,
+    collection: str,
+    url: str,
+    api_key: str | None,
+    *,
+    captions: Path | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> IngestResult:
+    from tqdm import tqdm
+
+    root, files = find_images(source)
+    progress_file = root / f".gateway-index-{collection}.done"
+    done = set(progress_file.read_text().splitlines()) if progress_file.exists() else set()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=300)
+    if client.get("/v1/collections").status_code == 200:
+        names = {c["name"] for c in client.get("/v1/collections").json()["data"]}
+        if collection not in names:
+            client.post("/v1/collections", json={"name": collection}).raise_for_status()
+    todo = [f for f in files if f.relative_to(root).as_posix() not in done]
+    started, sent = time.perf_counter(), 0
+    bar = tqdm(total=len(todo), unit="img", disable=not progress)
+    batch: list[dict[str, Any]] = []
+    with progress_file.open("a") as record:
+
+        def flush() -> None:
+            nonlocal sent
+            if not batch:
+                return
+            response = client.post(f"/v1/collections/{collection}/items", json={"items": batch})
+            if response.status_code != 200:
+                raise RuntimeError(f"gateway refused a batch: {response.status_code} {response.text[:300]}")
+            images = [item["id"] for item in batch if item["metadata"]["kind"] == "image"]
+            record.write("".join(f"{i}\n" for i in images))
+            record.flush()
+            sent += len(images)
+            bar.update(len(images))
+            batch.clear()
+
+        for item in _items(root, todo, read_captions(captions), done):
+            batch.append(item)
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+    bar.close()
+    return IngestResult(sent, len(files) - len(todo), time.perf_counter() - started)
