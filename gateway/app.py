@@ -20,7 +20,7 @@ from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
 from gateway.metrics_server import MetricsServer
 from gateway.middleware import GatewayMiddleware
-from gateway.routes import completions, embeddings, health, models, search
+from gateway.routes import completions, embeddings, health, models, retrieval_proxy, search
 from gateway.search.service import SearchService
 from gateway.state import GatewayState
 from gateway.upstream.client import UpstreamClient, create_session
@@ -92,8 +92,11 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="vlm-gateway", version="0.1.0", lifespan=lifespan, redoc_url=None)
     app.router.routes.extend(completions.routes)
     app.include_router(models.router)
-    app.include_router(embeddings.router)
-    app.include_router(search.router)
+    if settings.role == "proxy":
+        app.router.routes.extend(retrieval_proxy.routes)
+    else:
+        app.include_router(embeddings.router)
+        app.include_router(search.router)
     app.include_router(health.router)
     if settings.metrics_port is None:
         app.add_route("/metrics", health.metrics_endpoint, methods=["GET"], include_in_schema=False)

@@ -164,6 +164,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid")
 
     role: Literal["all", "proxy", "retrieval"] = "all"
+    # role "proxy": where /v1/embeddings, /v1/search and /v1/collections go (the retrieval Service, one writer).
+    retrieval_url: str | None = Field(None, pattern=r"^https?://")
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     metrics_port: int | None = Field(None, ge=0, le=65535)  # None: /metrics on the main port
@@ -201,6 +203,8 @@ class Settings(BaseSettings):
         digests = [hash_api_key(k.get_secret_value()) for k in self.api_keys]
         self.api_key_hashes = sorted(set(self.api_key_hashes) | set(digests))
         self.api_keys = []
+        if self.role == "proxy" and not self.retrieval_url:
+            raise ValueError("role 'proxy' needs retrieval_url (the retrieval service's base URL)")
         names = [pool.name for pool in self.models]
         if len(names) != len(set(names)):
             raise ValueError("model pool names must be unique")

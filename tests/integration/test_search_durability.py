@@ -270,3 +270,48 @@ def test_a_collection_from_another_encoder_is_not_served(tmp_path: Path, log_dir
         response = c.post("/v1/search", json={"collection": "pics", "query": {"text": "hello"}})
         assert response.status_code == 503
         assert "holds vectors of 'clip-a'" in response.json()["error"]["message"]
+
+
+def test_proxies_forward_retrieval_to_the_single_writer(tmp_path: Path, log_dir: Path) -> None:
+    """Two stateless proxies in front of one retrieval service: a write through one is found through the other."""
+    retrieval_args = [
+        "--config",
+        str(
+            write_config(
+                tmp_path / "r.yaml",
+                [],
+                role="retrieval",
+                keys=[{"key": "sk-team", "scopes": ["read", "write", "admin"], "namespace": "team"}],
+                search={"index_dir": str(tmp_path / "index")},
+            )
+        ),
+    ]
+    with run_gateway(retrieval_args, log_dir) as retrieval:
+        proxy_config = write_config(
+            tmp_path / "p.yaml",
+            [],
+            role="proxy",
+            retrieval_url=retrieval.base_url,
+            keys=[{"key": "sk-team", "scopes": ["read", "write", "admin"]}],
+        )
+        with (
+            run_gateway(["--config", str(proxy_config)], log_dir) as proxy_a,
+            run_gateway(["--config", str(proxy_config)], log_dir) as proxy_b,
+        ):
+            auth = {"Authorization": "Bearer sk-team"}
+            a = httpx.Client(base_url=proxy_a.base_url, headers=auth, timeout=10)
+            b = httpx.Client(base_url=proxy_b.base_url, headers=auth, timeout=10)
+            assert httpx.post(f"{proxy_a.base_url}/v1/search", json={}).status_code == 401, "proxies check keys"
+            _create(a)
+            vector = _vector(random.Random(6))
+            assert (
+                a.post("/v1/collections/c/items", json={"items": [{"id": "via-a", "vector": vector}]}).status_code
+                == 200
+            )
+            hits = b.post("/v1/search", json={"collection": "c", "query": {"vector": vector}, "top_k": 1})
+            assert hits.status_code == 200 and hits.json()["data"][0]["id"] == "via-a"
+            assert b.get("/v1/collections/c/items/via-a").status_code == 200
+            retrieval.process.kill()
+            down = a.post("/v1/search", json={"collection": "c", "query": {"vector": vector}})
+            assert down.status_code == 503 and down.headers["retry-after"] == "1"
+            assert down.json()["error"]["message"] == "The retrieval service is unreachable."
