@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import csv
 import glob
+import io
 import json
 import mimetypes
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from PIL import Image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
 
@@ -57,20 +59,31 @@ def read_captions(path: Path | None) -> dict[str, str]:
         return {row[0]: row[1] for row in csv.reader(handle) if len(row) >= 2}
 
 
+def thumbnail(data: bytes, size: int = 128) -> str:
+    """A small JPEG data URL (a few KB) kept in the item's metadata, so a results page can show the image."""
+    image = Image.open(io.BytesIO(data))
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.convert("RGB").save(out, "JPEG", quality=70)
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
+
+
 def _items(root: Path, files: list[Path], captions: dict[str, str], done: set[str]) -> Iterator[dict[str, Any]]:
     for file in files:
         item_id = file.relative_to(root).as_posix()
         if item_id in done:
             continue
         mime = mimetypes.guess_type(file.name)[0] or "image/png"
-        url = f"data:{mime};base64," + base64.b64encode(file.read_bytes()).decode()
+        data = file.read_bytes()
+        url = f"data:{mime};base64," + base64.b64encode(data).decode()
         caption = captions.get(item_id) or captions.get(file.name)
-        metadata: dict[str, Any] = {"kind": "image", "path": item_id}
+        metadata: dict[str, Any] = {"kind": "image", "path": item_id, "thumbnail": thumbnail(data)}
         if caption:
             metadata["caption"] = caption
         yield {"id": item_id, "image_url": url, "metadata": metadata}
         if caption:  # the caption as its own item, for image -> text retrieval
-            yield {"id": f"{item_id}#caption", "text": caption, "metadata": {"kind": "caption", "path": item_id}}
+            metadata = {"kind": "caption", "path": item_id, "caption": caption}
+            yield {"id": f"{item_id}#caption", "text": caption, "metadata": metadata}
 
 
 def ingest(

@@ -1,0 +1,119 @@
+"""The /ui search page in a real headless Chromium (Debian's), driven by Playwright."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.cli import main as cli_main
+from tests.media_server import png_bytes
+from tests.support import RunningGateway, run_gateway, write_config
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+KEY = "sk-ui-admin"
+COLOURS = {"red.png": (230, 20, 20), "green.png": (20, 200, 40), "blue.png": (20, 40, 230), "grey.png": (128,) * 3}
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[RunningGateway]:
+    root = tmp_path_factory.mktemp("ui")
+    config = write_config(
+        root / "g.yaml",
+        [],
+        api_keys=[KEY],
+        embeddings={"clip_model": "tiny-random"},
+        search={"index_dir": str(root / "index")},
+    )
+    photos = root / "photos"
+    photos.mkdir()
+    for name, colour in COLOURS.items():
+        (photos / name).write_bytes(png_bytes(96, 72, colour))
+    (photos / "captions.csv").write_text("red.png,a bright red square\n")
+    with run_gateway(["--config", str(config)], log_dir) as running:
+        for _ in range(300):
+            if httpx.get(f"{running.base_url}/health/ready").json()["embeddings"]["state"] == "ready":
+                break
+            time.sleep(0.1)
+        cli_main(
+            [
+                "index",
+                "add",
+                str(photos),
+                "--collection",
+                "photos",
+                "--url",
+                running.base_url,
+                "--api-key",
+                KEY,
+                "--captions",
+                str(photos / "captions.csv"),
+            ]
+        )
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    if CHROMIUM is None:
+        pytest.fail("chromium is not installed: scripts/setup installs Debian's chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        yield launched
+        launched.close()
+
+
+def test_text_and_image_search_from_the_page(
+    gateway: RunningGateway, browser: object, tmp_path: Path, log_dir: Path
+) -> None:
+    page = browser.new_page()  # type: ignore[attr-defined]
+    page.goto(f"{gateway.base_url}/ui")
+    page.fill("#key", KEY)
+    page.dispatch_event("#key", "change")
+    page.wait_for_function("document.querySelectorAll('#collection option').length > 0")
+    assert page.inner_text("#collection") == "photos (5)"  # 4 images + 1 caption item
+    page.fill("#text", "a bright red square")
+    page.click("#go")
+    page.wait_for_selector(".card")
+    cards = page.query_selector_all(".card")
+    assert len(cards) == 5
+    assert cards[0].get_attribute("data-id") == "red.png#caption"
+    assert "results in" in page.inner_text("#status")
+    query_image = tmp_path / "query.png"
+    query_image.write_bytes(png_bytes(96, 72, COLOURS["blue.png"]))
+    page.fill("#text", "")
+    page.set_input_files("#image", str(query_image))
+    page.click("#go")
+    page.wait_for_function(
+        "document.querySelector('.card') && document.querySelector('.card').dataset.id === 'blue.png'"
+    )
+    first = page.query_selector(".card")
+    assert first is not None and first.query_selector("img") is not None, "image hits show their thumbnail"
+    page.screenshot(path=str(log_dir / "ui-search.png"))
+
+
+def test_a_wrong_key_shows_the_gateway_error(gateway: RunningGateway, browser: object) -> None:
+    page = browser.new_page()  # type: ignore[attr-defined]
+    page.goto(f"{gateway.base_url}/ui")
+    page.evaluate("localStorage.clear()")
+    page.fill("#key", "sk-wrong")
+    page.dispatch_event("#key", "change")
+    page.wait_for_selector("#status.error")
+    assert "Incorrect or missing API key" in page.inner_text("#status")
