@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import FrameType
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.admission import Admission, memory_limit_bytes
 from gateway.asgi import error_headers
 from gateway.auth import KeyChecker
 from gateway.config import Settings
@@ -20,6 +24,7 @@ from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
 from gateway.metrics_server import MetricsServer
 from gateway.middleware import GatewayMiddleware
+from gateway.ratelimit import KeyLimiter
 from gateway.routes import completions, embeddings, health, models, retrieval_proxy, search
 from gateway.search.service import SearchService
 from gateway.state import GatewayState
@@ -59,6 +64,23 @@ async def _on_unexpected(_: Request, exc: Exception) -> Response:
     return _error_response(GatewayError())
 
 
+def _drain_on_sigterm(admission: Admission, delay: float) -> None:
+    """On SIGTERM, fail readiness and refuse new work at once; after `delay`, hand the signal to the server,
+    which stops listening and lets in-flight requests finish (uvicorn's graceful-shutdown timeout)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return  # not under a server that handles SIGTERM (e.g. an in-process test client)
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        if not admission.draining:
+            log.warning("SIGTERM: draining (readiness fails, new work refused) before shutdown")
+        admission.draining = True
+        loop.call_soon_threadsafe(loop.call_later, delay, previous, signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -70,7 +92,14 @@ def create_app(settings: Settings) -> FastAPI:
         serves_retrieval = settings.role in ("all", "retrieval")
         embedder = EmbeddingsService(settings.embeddings, media, metrics, enabled=serves_retrieval)
         searcher = SearchService(settings.search, embedder, metrics)
-        app.state.gateway = GatewayState(settings, metrics, pools, upstream, media, embedder, searcher)
+        limit = settings.memory_limit_bytes or memory_limit_bytes()
+        admission = Admission(int(limit * settings.memory_shed_fraction) if limit else None)
+        keys = KeyChecker(settings)
+        limiter = KeyLimiter(settings.rate_limits, keys.rate_limits)
+        app.state.gateway = GatewayState(
+            settings, metrics, pools, upstream, media, embedder, searcher, admission, limiter
+        )
+        _drain_on_sigterm(admission, settings.drain_delay)
         metrics_server = MetricsServer(metrics, settings.host, settings.metrics_port)
         if not settings.auth_enabled:
             log.warning("no API keys configured: /v1/* is open to anyone who can reach this port")
@@ -79,10 +108,12 @@ def create_app(settings: Settings) -> FastAPI:
         if serves_retrieval:
             await searcher.start()
         metrics_server.start()
+        admission.start()
         try:
             yield
         finally:
             metrics_server.stop()
+            await admission.stop()
             await pools.stop()
             await searcher.stop()
             await embedder.close()

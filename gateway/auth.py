@@ -6,7 +6,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from gateway.config import ALL_SCOPES, Scope, Settings
+from gateway.config import ALL_SCOPES, RateLimits, Scope, Settings
 from gateway.errors import PermissionDenied
 
 BEARER = b"bearer "
@@ -33,6 +33,9 @@ class KeyChecker:
         ]
         entries += [(bytes.fromhex(k.sha256 or ""), frozenset(k.scopes), k.namespace) for k in settings.keys]
         self._entries = entries
+        self.rate_limits: dict[str, RateLimits] = {
+            (k.sha256 or "")[:12]: k.rate_limits for k in settings.keys if k.rate_limits is not None
+        }
 
     @property
     def enabled(self) -> bool:

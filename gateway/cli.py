@@ -24,6 +24,7 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument("--model", help="served model name of the --upstream replicas")
     serve.add_argument("--limit-mm-per-prompt", help='as vLLM spells it, e.g. \'{"image":2,"video":1}\'')
     serve.add_argument("--max-model-len", type=int, help="the model's context length, for early rejection")
+    serve.add_argument("--max-inflight", type=int, help="requests in flight on the model before 429s")
     serve.add_argument("--api-key", action="append", help="accepted API key; repeatable (stored hashed)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--role", choices=["all", "proxy", "retrieval"])
@@ -74,6 +75,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
                 raise SystemExit(f"--limit-mm-per-prompt is not JSON: {exc}") from None
         if args.max_model_len:
             pool["max_model_len"] = args.max_model_len
+        if args.max_inflight:
+            pool["max_inflight"] = args.max_inflight
         overrides["models"] = [pool]
     return overrides
 
@@ -92,7 +95,7 @@ def serve(settings: Settings) -> None:
         http="httptools",
         access_log=False,  # a per-request log line costs more than the rest of the proxy path
         log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=int(settings.drain_timeout) or None,
     )
 
 

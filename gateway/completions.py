@@ -45,9 +45,6 @@ class CompletionsEndpoint:
             model_label = request.model
             parts = media_parts(request)
             check_against_pool(request, replicas.pool, parts)
-            if parts:
-                await gateway.media.prepare(data, parts, replicas.pool)
-                body = orjson.dumps(data)
         except GatewayError as error:
             metrics.rejections.labels(self.route, error.code or error.type).inc()
             metrics.requests.labels(self.route, model_label, str(error.status)).inc()
@@ -55,25 +52,35 @@ class CompletionsEndpoint:
             return
         in_flight = metrics.in_flight.labels(self.route, model_label)
         in_flight.inc()
+        state = scope["state"]
         try:
-            try:
-                opened = await gateway.upstream.open(replicas, self.route, body, scope["state"]["request_id"])
-            except GatewayError as error:
-                status = error.status
-                await send_error(send, error)
-                return
-            try:
-                outcome = await relay(
-                    opened,
-                    receive,
-                    send,
-                    stream=request.stream,
-                    timeouts=replicas.pool.timeouts,
-                    started=started,
-                    metrics=metrics,
-                )
-            finally:
-                replicas.release(opened.replica)
+            async with replicas.gate.slot():
+                try:
+                    visual_tokens = 0
+                    if parts:
+                        visual_tokens = await gateway.media.prepare(data, parts, replicas.pool)
+                        body = orjson.dumps(data)
+                    state["response_headers"] += gateway.limiter.charge_tokens(
+                        state["identity"].key_id, estimated_tokens(request, visual_tokens)
+                    )
+                    opened = await gateway.upstream.open(replicas, self.route, body, state["request_id"])
+                except GatewayError as error:
+                    status = error.status
+                    metrics.rejections.labels(self.route, error.code or error.type).inc()
+                    await send_error(send, error)
+                    return
+                try:
+                    outcome = await relay(
+                        opened,
+                        receive,
+                        send,
+                        stream=request.stream,
+                        timeouts=replicas.pool.timeouts,
+                        started=started,
+                        metrics=metrics,
+                    )
+                finally:
+                    replicas.release(opened.replica)
             if outcome.upstream_broke:
                 replicas.mark_down(opened.replica)
             status = outcome.status
@@ -81,7 +88,18 @@ class CompletionsEndpoint:
                 metrics.prompt_tokens.labels(model_label).inc(outcome.prompt_tokens)
             if outcome.completion_tokens:
                 metrics.completion_tokens.labels(model_label).inc(outcome.completion_tokens)
+        except GatewayError as error:  # the pool's gate refused: full queue (429) or waited too long (503)
+            status = error.status
+            metrics.rejections.labels(self.route, error.code or error.type).inc()
+            await send_error(send, error)
         finally:
             in_flight.dec()
             metrics.requests.labels(self.route, model_label, str(status)).inc()
             metrics.request_duration.labels(self.route, model_label).observe(time.perf_counter() - started)
+
+
+def estimated_tokens(request: Request, visual_tokens: int) -> int:
+    """What a request may cost against a tokens-per-minute budget: prompt (chars/4 or token ids), images, and
+    the completion it asks room for (max_tokens, else 256) times n."""
+    prompt = max(request.text_chars() // 4, getattr(request, "longest_token_prompt", lambda: 0)())
+    return prompt + visual_tokens + (request.requested_tokens() or 256) * request.n

@@ -96,6 +96,10 @@ class ModelPool(BaseModel):
     limit_mm_per_prompt: dict[Modality, int] = Field(default_factory=lambda: _default_media_limits())
     max_model_len: int | None = Field(None, ge=16, le=10_000_000)
     quantization: Literal["bf16", "fp16", "fp8", "awq", "gptq", "none"] | None = None
+    # Admission: at most max_inflight requests on this pool; max_queue more wait up to queue_timeout seconds.
+    max_inflight: int | None = Field(None, ge=1)
+    max_queue: int = Field(0, ge=0, le=1_000_000)
+    queue_timeout: float = Field(10.0, gt=0, le=3600)
     # Engine-steering request fields (chat_template, mm_processor_kwargs, ...) the operator lets through.
     allow_fields: list[str] = Field(default_factory=list, max_length=64)
     timeouts: Timeouts = Field(default_factory=Timeouts)
@@ -126,6 +130,14 @@ Scope = Literal["read", "write", "admin"]
 ALL_SCOPES: tuple[Scope, ...] = ("read", "write", "admin")
 
 
+class RateLimits(BaseModel):
+    """Per-key budgets; None is unlimited. Tokens count prompt text (chars/4), visual tokens and max_tokens."""
+
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+    concurrency: int | None = Field(None, ge=1)
+
+
 class ScopedKey(BaseModel):
     """An API key with limited rights: `read` (chat, embeddings, search, get), `write` (index items), `admin`
     (collections, snapshots). `namespace` groups keys that share items; by default each key is its own."""
@@ -134,6 +146,7 @@ class ScopedKey(BaseModel):
     sha256: str | None = None
     scopes: list[Scope] = Field(default_factory=lambda: list(ALL_SCOPES))
     namespace: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    rate_limits: RateLimits | None = None  # default: the gateway-wide `rate_limits`
 
     @model_validator(mode="after")
     def _one_digest(self) -> ScopedKey:
@@ -181,6 +194,14 @@ class Settings(BaseSettings):
     api_key_hashes: list[str] = Field(default_factory=list)
     keys: list[ScopedKey] = Field(default_factory=list, max_length=100_000)
 
+    rate_limits: RateLimits = Field(default_factory=RateLimits)
+    # Shed new work with 503 once resident memory reaches this fraction of the cgroup limit (or of
+    # memory_limit_bytes when set); the process never reaches the OOM killer through admitted work.
+    memory_shed_fraction: float = Field(0.9, gt=0, le=1)
+    memory_limit_bytes: int | None = Field(None, ge=1)
+    # SIGTERM: readiness fails and new work is refused at once; in-flight work gets drain_timeout to finish.
+    drain_delay: float = Field(0.0, ge=0, le=600)  # keep serving in-flight while endpoints update
+    drain_timeout: float = Field(30.0, ge=0, le=3600)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     # Bodies above this size are parsed and validated in a worker thread, off the event loop.
     inline_parse_bytes: int = Field(256 * 1024, ge=0)

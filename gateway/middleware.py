@@ -10,7 +10,7 @@ import uuid
 
 from gateway.asgi import ASGIApp, Message, Receive, Send, send_error
 from gateway.auth import ANONYMOUS, KeyChecker
-from gateway.errors import PayloadTooLarge, Unauthorized
+from gateway.errors import GatewayError, PayloadTooLarge, Unauthorized
 
 REQUEST_ID_SAFE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 PROTECTED_PREFIX = "/v1/"
@@ -44,22 +44,36 @@ class GatewayMiddleware:
         state["request_id"] = request_id.decode()
         id_header = (b"x-request-id", request_id)
 
+        extra_headers = state["response_headers"] = [id_header]  # handlers may add (rate-limit headers)
+
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), id_header]
+                message["headers"] = [*message.get("headers", ()), *extra_headers]
             await send(message)
 
         limit = self.max_body_bytes
         if content_length is not None and (not content_length.isdigit() or int(content_length) > limit):
             await send_error(send_with_id, _too_large(limit))
             return
-        state["identity"] = ANONYMOUS
-        if self.keys.enabled and scope["path"].startswith(PROTECTED_PREFIX):
-            identity = self.keys.identify(authorization)
-            if identity is None:
+        identity = ANONYMOUS
+        protected = scope["path"].startswith(PROTECTED_PREFIX)
+        if self.keys.enabled and protected:
+            found = self.keys.identify(authorization)
+            if found is None:
                 await send_error(send_with_id, Unauthorized())
                 return
-            state["identity"] = identity
+            identity = found
+        state["identity"] = identity
+        if not protected:
+            await self.app(scope, receive, send_with_id)
+            return
+        gateway = scope["app"].state.gateway
+        try:
+            gateway.admission.check()
+            extra_headers += gateway.limiter.admit(identity.key_id)
+        except GatewayError as error:
+            await send_error(send_with_id, error)
+            return
 
         received = 0
 
@@ -72,4 +86,7 @@ class GatewayMiddleware:
                     raise _too_large(limit)
             return message
 
-        await self.app(scope, capped_receive, send_with_id)
+        try:
+            await self.app(scope, capped_receive, send_with_id)
+        finally:
+            gateway.limiter.leave(identity.key_id)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from gateway.admission import Admission
 from gateway.config import Settings
 from gateway.embeddings.service import EmbeddingsService
 from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
+from gateway.ratelimit import KeyLimiter
 from gateway.search.service import SearchService
 from gateway.upstream.client import UpstreamClient
 from gateway.upstream.pool import Pools
@@ -23,4 +25,6 @@ class GatewayState:
     media: MediaPreparer
     embeddings: EmbeddingsService
     search: SearchService
+    admission: Admission
+    limiter: KeyLimiter
     started_at: int = field(default_factory=lambda: int(time.time()))

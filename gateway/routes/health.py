@@ -35,6 +35,8 @@ async def ready(request: Request) -> JSONResponse:
         servable.append(embeddings["model"])
     problems = gateway.search.problems()  # a corrupt index fails readiness loudly instead of serving empty
     ready_now = not problems and (bool(servable) or (not models and embeddings["state"] == "disabled"))
+    if gateway.admission.draining:
+        ready_now, problems = False, [*problems, "draining: shutting down"]
     body = {
         "problems": problems,
         "status": "ready" if ready_now else "unavailable",

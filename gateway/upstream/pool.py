@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from gateway.admission import Gate
 from gateway.config import ModelPool, Settings
 from gateway.metrics import GatewayMetrics
 
@@ -35,6 +36,7 @@ class ReplicaSet:
     def __init__(self, pool: ModelPool, metrics: GatewayMetrics) -> None:
         self.pool = pool
         self.replicas = [Replica(pool.name, url) for url in pool.upstreams]
+        self.gate = Gate(pool.max_inflight, pool.max_queue, pool.queue_timeout)
         self._metrics = metrics
         self._rotation = 0
         self._healthy_gauges = {r: metrics.replica_healthy.labels(pool.name, r.base_url) for r in self.replicas}

@@ -1,0 +1,124 @@
+"""Backpressure and shutdown with a real gateway process (CASES C1-C4)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from tests.fake_upstream import Behaviour, FakeVllm
+from tests.support import RunningGateway, run_gateway_async, write_config
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+JSON = {"content-type": "application/json"}
+
+
+def _config(tmp_path: Path, fake: FakeVllm, pool: dict[str, Any] | None = None, **settings: Any) -> list[str]:
+    models = [{"name": "m", "upstreams": [fake.url], **(pool or {})}]
+    return ["--config", str(write_config(tmp_path / "g.yaml", models, **settings))]
+
+
+async def _post(gateway: RunningGateway, body: dict[str, Any], key: str | None = None) -> httpx.Response:
+    headers = {**JSON, **({"Authorization": f"Bearer {key}"} if key else {})}
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
+        return await client.post("/v1/chat/completions", content=orjson.dumps(body), headers=headers)
+
+
+async def test_beyond_the_inflight_limit_and_queue_answers_429_at_once(
+    tmp_path: Path, log_dir: Path, fake_a: FakeVllm
+) -> None:
+    fake_a.behaviour = Behaviour(chunks=20, chunk_delay=0.1)  # each stream holds its slot ~2 s
+    args = _config(tmp_path, fake_a, {"max_inflight": 4, "max_queue": 2, "queue_timeout": 30})
+    async with run_gateway_async(args, log_dir) as gateway:
+        stream = {**CHAT, "stream": True}
+        responses = await asyncio.gather(*[_post(gateway, stream) for _ in range(12)])
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses == [200] * 6 + [429] * 6, "4 in flight + 2 queued; the rest refused immediately"
+        refused = next(r for r in responses if r.status_code == 429)
+        assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "rate_limit_error"
+        assert fake_a.hits == 6
+        assert (await _post(gateway, CHAT)).status_code == 200, "slots come back"
+
+
+async def test_queue_time_budget_gives_503(tmp_path: Path, log_dir: Path, fake_a: FakeVllm) -> None:
+    fake_a.behaviour = Behaviour(chunks=30, chunk_delay=0.1)
+    args = _config(tmp_path, fake_a, {"max_inflight": 1, "max_queue": 5, "queue_timeout": 0.5})
+    async with run_gateway_async(args, log_dir) as gateway:
+        first, second = await asyncio.gather(_post(gateway, {**CHAT, "stream": True}), _post(gateway, CHAT))
+        assert first.status_code == 200
+        assert second.status_code == 503 and second.headers["retry-after"] == "2"
+
+
+async def test_one_flooding_key_is_limited_alone(tmp_path: Path, log_dir: Path, fake_a: FakeVllm) -> None:
+    keys = [{"key": "sk-flood", "rate_limits": {"requests_per_minute": 5}}, {"key": "sk-calm"}]
+    args = _config(tmp_path, fake_a, keys=keys, rate_limits={"tokens_per_minute": 100_000})
+    async with run_gateway_async(args, log_dir) as gateway:
+        flood = [await _post(gateway, CHAT, "sk-flood") for _ in range(8)]
+        assert [r.status_code for r in flood] == [200] * 5 + [429] * 3
+        assert flood[0].headers["x-ratelimit-limit-requests"] == "5"
+        assert flood[0].headers["x-ratelimit-remaining-requests"] == "4"
+        assert "x-ratelimit-remaining-tokens" in flood[0].headers
+        assert int(flood[-1].headers["retry-after"]) >= 1
+        assert "requests-per-minute limit of 5" in flood[-1].json()["error"]["message"]
+        calm = [await _post(gateway, CHAT, "sk-calm") for _ in range(8)]
+        assert [r.status_code for r in calm] == [200] * 8, "other keys are unaffected"
+        assert fake_a.hits == 13
+
+
+async def test_token_budget_counts_max_tokens(tmp_path: Path, log_dir: Path, fake_a: FakeVllm) -> None:
+    args = _config(tmp_path, fake_a, keys=[{"key": "sk-t", "rate_limits": {"tokens_per_minute": 1000}}])
+    async with run_gateway_async(args, log_dir) as gateway:
+        assert (await _post(gateway, {**CHAT, "max_tokens": 600}, "sk-t")).status_code == 200
+        second = await _post(gateway, {**CHAT, "max_tokens": 600}, "sk-t")
+        assert second.status_code == 429 and "tokens-per-minute" in second.json()["error"]["message"]
+        too_big = await _post(gateway, {**CHAT, "max_tokens": 5000}, "sk-t")
+        assert (
+            too_big.status_code == 429 and "more than this key's per-minute limit" in too_big.json()["error"]["message"]
+        )
+        assert fake_a.hits == 1
+
+
+async def test_memory_pressure_sheds_new_work_but_stays_alive(tmp_path: Path, log_dir: Path, fake_a: FakeVllm) -> None:
+    args = _config(tmp_path, fake_a, memory_limit_bytes=10 * 1024 * 1024)  # far below the process's own RSS
+    async with run_gateway_async(args, log_dir) as gateway:
+        await asyncio.sleep(0.6)
+        response = await _post(gateway, CHAT)
+        assert response.status_code == 503 and "memory pressure" in response.json()["error"]["message"]
+        async with httpx.AsyncClient(base_url=gateway.base_url) as client:
+            assert (await client.get("/health/live")).status_code == 200
+        assert fake_a.hits == 0
+
+
+async def test_sigterm_drains_in_flight_streams_and_refuses_new_work(
+    tmp_path: Path, log_dir: Path, fake_a: FakeVllm
+) -> None:
+    fake_a.behaviour = Behaviour(chunks=20, chunk_delay=0.1)
+    args = _config(tmp_path, fake_a, drain_delay=1.0, drain_timeout=20)
+    async with run_gateway_async(args, log_dir) as gateway:
+        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
+
+            async def stream() -> bytes:
+                async with client.stream(
+                    "POST", "/v1/chat/completions", headers=JSON, content=orjson.dumps({**CHAT, "stream": True})
+                ) as response:
+                    return b"".join([c async for c in response.aiter_raw()])
+
+            streams = [asyncio.create_task(stream()) for _ in range(5)]
+            await asyncio.sleep(0.4)
+            gateway.process.signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            ready = await client.get("/health/ready")
+            refused = await client.post("/v1/chat/completions", content=orjson.dumps(CHAT), headers=JSON)
+            bodies = await asyncio.gather(*streams)
+        assert ready.status_code == 503 and "draining" in str(ready.json()["problems"])
+        assert refused.status_code == 503 and refused.headers["connection"] == "close"
+        for body in bodies:
+            assert body.count(b"data: ") == 22 and body.endswith(b"data: [DONE]\n\n"), "0 broken streams"
+        exit_code = await asyncio.to_thread(gateway.process.proc.wait, 20)  # type: ignore[union-attr]
+        # uvicorn re-raises the SIGTERM it handled once its orderly shutdown is done, so the status says SIGTERM.
+        assert exit_code in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in gateway.log(), "lifespan shutdown ran (final snapshots etc.)"
