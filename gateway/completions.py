@@ -83,6 +83,10 @@ class CompletionsEndpoint:
                     replicas.release(opened.replica)
             if outcome.upstream_broke:
                 replicas.mark_down(opened.replica)
+            elif outcome.status == 504:
+                replicas.record_failure(opened.replica)
+            else:
+                replicas.record_success(opened.replica)
             status = outcome.status
             if outcome.prompt_tokens:
                 metrics.prompt_tokens.labels(model_label).inc(outcome.prompt_tokens)

@@ -209,6 +209,13 @@ class Settings(BaseSettings):
     health_check_timeout: float = Field(2.0, gt=0, le=60)
     # How long a replica that refused a connection or answered 429/503 is skipped.
     replica_cooldown: float = Field(5.0, ge=0, le=3600)
+    # Circuit breaker: this many consecutive failures (5xx, first-token timeouts) open it for breaker_cooldown
+    # seconds; then one probe request decides whether it closes again.
+    breaker_failures: int = Field(5, ge=1, le=10_000)
+    breaker_cooldown: float = Field(10.0, ge=0, le=3600)
+    # Retries (failover before the first byte) stay below this fraction of requests, plus a small burst.
+    retry_budget_ratio: float = Field(0.2, ge=0, le=1)
+    retry_budget_burst: int = Field(10, ge=0, le=100_000)
     upstream_max_connections: int = Field(2048, ge=1, le=1_000_000)
 
     @field_validator("api_key_hashes")

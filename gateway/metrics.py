@@ -24,6 +24,7 @@ UPSTREAM_ERROR_KINDS = (
     "timeout_idle",
     "timeout_total",
     "broken_stream",
+    "retry_budget_exhausted",
 )
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST

@@ -93,16 +93,27 @@ def main() -> None:
         IndexSpec(kind="hnsw", m=32, ef_construction=80, ef_search=64),
         IndexSpec(kind="ivf", nprobe=16),
     ]
-    print(f"{'vectors':>9} {'kind':>5} {'build s':>8} {'QPS (1 query)':>14} {'recall@10':>10}")
+    # Search-time knobs swept on one build of each index.
+    sweeps: dict[str, list[int]] = {"flat": [0], "hnsw": [32, 64, 128], "ivf": [4, 8, 16]}
+    print(f"{'vectors':>9} {'kind':>5} {'knob':>13} {'build s':>8} {'QPS (1 query)':>14} {'recall@10':>10}")
     for size in args.sizes:
         vectors, queries = clustered(size, args.queries)
         truth: list[list[str]] = []
         for spec in specs:
             shard, build = load_shard(vectors, spec)
-            found, qps = run_queries(shard, queries)
-            if spec.kind == "flat":
-                truth = found
-            print(f"{size:>9} {spec.kind:>5} {build:>8.1f} {qps:>14.0f} {recall(found, truth):>10.3f}", flush=True)
+            for value in sweeps[spec.kind]:
+                knob = ""
+                if spec.kind == "hnsw":
+                    shard._ann.hnsw.efSearch, knob = value, f"efSearch={value}"
+                elif spec.kind == "ivf":
+                    shard._ann.nprobe, knob = value, f"nprobe={value}"
+                found, qps = run_queries(shard, queries)
+                if spec.kind == "flat":
+                    truth = found
+                print(
+                    f"{size:>9} {spec.kind:>5} {knob:>13} {build:>8.1f} {qps:>14.0f} {recall(found, truth):>10.3f}",
+                    flush=True,
+                )
             del shard
         if args.e2e and size == args.sizes[0]:
             with tempfile.TemporaryDirectory() as tmp:

@@ -81,11 +81,31 @@ async def upstream_client_error(response: aiohttp.ClientResponse) -> GatewayErro
     return error
 
 
+class RetryBudget:
+    """Each request earns `ratio` of a retry (up to `burst` banked); each retry spends one. Under a wide outage
+    this keeps failover from multiplying the load on the replicas that are left."""
+
+    def __init__(self, ratio: float, burst: int) -> None:
+        self.ratio = ratio
+        self.burst = burst
+        self.balance = float(burst)
+
+    def earn(self) -> None:
+        self.balance = min(self.burst, self.balance + self.ratio)
+
+    def spend(self) -> bool:
+        if self.balance >= 1:
+            self.balance -= 1
+            return True
+        return False
+
+
 class UpstreamClient:
     def __init__(self, session: aiohttp.ClientSession, settings: Settings, metrics: GatewayMetrics) -> None:
         self.session = session
         self.settings = settings
         self.metrics = metrics
+        self.retry_budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_burst)
 
     async def open(self, replicas: ReplicaSet, path: str, body: bytes, request_id: str) -> OpenedUpstream:
         """Send the request, failing over to another replica until one yields its status and first chunk.
@@ -98,8 +118,13 @@ class UpstreamClient:
         tried: set[Replica] = set()
         saturated_retry_used = False
         last_error: GatewayError | None = None
+        self.retry_budget.earn()
         while (replica := replicas.pick(tried)) is not None:
             if tried:
+                if not self.retry_budget.spend():
+                    self.metrics.upstream_errors.labels(model, "retry_budget_exhausted").inc()
+                    replica.probing = False
+                    break
                 self.metrics.upstream_retries.labels(model).inc()
             tried.add(replica)
             replicas.acquire(replica)
@@ -125,8 +150,17 @@ class UpstreamClient:
                 if saturated_retry_used:
                     raise last_error from None
                 saturated_retry_used = True
-            except BaseException:
+            except (UpstreamError, UpstreamTimeout):
                 replicas.release(replica)
+                replicas.record_failure(replica)
+                raise
+            except GatewayError:  # an upstream 4xx: the replica answered properly
+                replicas.release(replica)
+                replicas.record_success(replica)
+                raise
+            except BaseException:  # cancelled (the client left): the probe, if any, decided nothing
+                replicas.release(replica)
+                replica.probing = False
                 raise
         raise last_error or ServiceUnavailable(
             f"No healthy replica is available for model '{model}'.",

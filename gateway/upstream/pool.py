@@ -25,16 +25,24 @@ class Replica:
     cooldown_until: float = 0.0
     outstanding: int = 0
     consecutive_failures: int = field(default=0)
+    breaker_open: bool = False
+    probing: bool = False  # a half-open breaker lets exactly one request through
 
     def available(self, now: float) -> bool:
-        return self.healthy and now >= self.cooldown_until
+        if not self.healthy or now < self.cooldown_until:
+            return False
+        return not (self.breaker_open and self.probing)
 
 
 class ReplicaSet:
     """The replicas of one model pool."""
 
-    def __init__(self, pool: ModelPool, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, pool: ModelPool, metrics: GatewayMetrics, *, breaker_failures: int = 5, breaker_cooldown: float = 10.0
+    ) -> None:
         self.pool = pool
+        self.breaker_failures = breaker_failures
+        self.breaker_cooldown = breaker_cooldown
         self.replicas = [Replica(pool.name, url) for url in pool.upstreams]
         self.gate = Gate(pool.max_inflight, pool.max_queue, pool.queue_timeout)
         self._metrics = metrics
@@ -56,6 +64,8 @@ class ReplicaSet:
                 continue
             if best is None or replica.outstanding < best.outstanding:
                 best = replica
+        if best is not None and best.breaker_open:
+            best.probing = True  # half-open: this request is the probe
         return best
 
     def soonest_available_in(self) -> float:
@@ -80,6 +90,21 @@ class ReplicaSet:
         replica.healthy = False
         self._healthy_gauges[replica].set(0)
 
+    def record_failure(self, replica: Replica) -> None:
+        """A 5xx or a timeout: enough in a row open the breaker; a failed probe re-opens it."""
+        replica.consecutive_failures += 1
+        if replica.probing or replica.consecutive_failures >= self.breaker_failures:
+            if not replica.breaker_open:
+                log.warning("breaker opened for replica %s of %s", replica.base_url, replica.model)
+            replica.breaker_open, replica.probing = True, False
+            replica.cooldown_until = time.monotonic() + self.breaker_cooldown
+
+    def record_success(self, replica: Replica) -> None:
+        if replica.breaker_open:
+            log.info("breaker closed for replica %s of %s", replica.base_url, replica.model)
+        replica.consecutive_failures = 0
+        replica.breaker_open = replica.probing = False
+
     def cool_down(self, replica: Replica, seconds: float) -> None:
         """A 429/503: the replica is alive but saturated; skip it for a while."""
         replica.cooldown_until = time.monotonic() + seconds
@@ -88,7 +113,6 @@ class ReplicaSet:
         if not replica.healthy:
             log.info("replica %s of %s is healthy again", replica.base_url, replica.model)
         replica.healthy = True
-        replica.consecutive_failures = 0
         self._healthy_gauges[replica].set(1)
 
     def healthy_count(self) -> int:
@@ -101,7 +125,12 @@ class Pools:
 
     def __init__(self, settings: Settings, metrics: GatewayMetrics) -> None:
         self.settings = settings
-        self.by_model = {pool.name: ReplicaSet(pool, metrics) for pool in settings.models}
+        self.by_model = {
+            pool.name: ReplicaSet(
+                pool, metrics, breaker_failures=settings.breaker_failures, breaker_cooldown=settings.breaker_cooldown
+            )
+            for pool in settings.models
+        }
         self._task: asyncio.Task[None] | None = None
 
     def get(self, model: str) -> ReplicaSet | None:

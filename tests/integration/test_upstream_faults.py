@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +169,46 @@ async def test_stream_is_relayed_byte_for_byte_with_usage_counted(
         assert gateway.metric("gateway_completion_tokens_total", {"model": "m"}) == 3
         assert gateway.metric("gateway_time_to_first_token_seconds_count", {"model": "m"}) == 1
         assert gateway.metric("gateway_inter_token_latency_seconds_count", {"model": "m"}) >= 3
+
+
+async def test_breaker_stops_sending_to_a_failing_replica_then_probes_it(
+    tmp_path: Path, log_dir: Path, fake_a: FakeVllm, fake_b: FakeVllm
+) -> None:
+    fake_a.behaviour = Behaviour(mode="status", status=500)
+    models = [{"name": "m", "upstreams": [fake_a.url, fake_b.url]}]
+    path = write_config(
+        tmp_path / "breaker.yaml", models, health_check_interval=60, breaker_failures=3, breaker_cooldown=1.0
+    )
+    async with run_gateway_async(["--config", str(path)], log_dir) as gateway:
+        statuses = [(await _post(gateway, CHAT)).status_code for _ in range(20)]
+        assert statuses.count(502) == 3 and fake_a.hits == 3, "three failures open the breaker; then A is skipped"
+        assert fake_b.hits == 17
+        await asyncio.sleep(1.2)
+        statuses = [(await _post(gateway, CHAT)).status_code for _ in range(6)]
+        assert fake_a.hits == 4 and statuses.count(502) == 1, "after the cool-down, exactly one probe"
+        fake_a.behaviour = Behaviour()
+        await asyncio.sleep(1.2)
+        for _ in range(6):
+            assert (await _post(gateway, CHAT)).status_code == 200
+        assert fake_a.hits > 5, "a good probe closes the breaker and A serves again"
+
+
+async def test_retry_budget_keeps_failover_below_a_fraction_of_traffic(
+    tmp_path: Path, log_dir: Path, fake_a: FakeVllm, fake_b: FakeVllm
+) -> None:
+    fake_a.behaviour = Behaviour(mode="status", status=429)
+    models = [{"name": "m", "upstreams": [fake_a.url, fake_b.url]}]
+    path = write_config(
+        tmp_path / "budget.yaml",
+        models,
+        health_check_interval=60,
+        replica_cooldown=0,
+        retry_budget_ratio=0.2,
+        retry_budget_burst=2,
+    )
+    async with run_gateway_async(["--config", str(path)], log_dir) as gateway:
+        statuses = [(await _post(gateway, CHAT)).status_code for _ in range(60)]
+        retries = gateway.metric("gateway_upstream_retries_total", {"model": "m"})
+        assert retries <= 0.2 * 60 + 2
+        assert statuses.count(429) == fake_a.hits - retries, "a request whose retry was not granted gets the 429"
+        assert gateway.metric("gateway_upstream_errors_total", {"kind": "retry_budget_exhausted"}) > 0

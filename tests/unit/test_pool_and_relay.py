@@ -73,3 +73,39 @@ def test_usage_is_found_in_the_stream_tail() -> None:
     assert usage_from_stream_tail(tail) == (38, 16)
     assert usage_from_stream_tail(b"data: [DONE]\n\n") == (0, 0)
     assert usage_from_stream_tail(b'data: {"usage":{"prompt_tokens":3') == (0, 0)
+
+
+def test_breaker_opens_after_consecutive_failures_and_half_opens_for_one_probe() -> None:
+    replicas = ReplicaSet(
+        ModelPool(name="m", upstreams=["http://r0", "http://r1"]),
+        GatewayMetrics(),
+        breaker_failures=3,
+        breaker_cooldown=0.05,
+    )
+    a, b = replicas.replicas
+    for _ in range(2):
+        replicas.record_failure(a)
+    assert not a.breaker_open
+    replicas.record_failure(a)
+    assert a.breaker_open
+    assert {replicas.pick(set()) for _ in range(4)} == {b}, "open: skipped"
+    time.sleep(0.06)
+    assert replicas.pick({b}) is a and a.probing, "half-open: one probe"
+    assert replicas.pick({b}) is None, "no second request while the probe is out"
+    replicas.record_failure(a)
+    assert a.breaker_open and not a.probing and replicas.pick({b}) is None, "a failed probe re-opens"
+    time.sleep(0.06)
+    assert replicas.pick({b}) is a
+    replicas.record_success(a)
+    assert not a.breaker_open and replicas.pick({b}) is a and not a.probing, "a good probe closes it"
+
+
+def test_retry_budget_caps_retries_to_a_fraction_of_requests() -> None:
+    from gateway.upstream.client import RetryBudget
+
+    budget = RetryBudget(ratio=0.2, burst=2)
+    granted = 0
+    for _ in range(100):
+        budget.earn()
+        granted += budget.spend()
+    assert 20 <= granted <= 22, "about one retry per five requests, plus the banked burst"
