@@ -8,9 +8,11 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -24,6 +26,7 @@ from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
 from gateway.metrics_server import MetricsServer
 from gateway.middleware import GatewayMiddleware
+from gateway.protocol.chat import ChatCompletionRequest, CompletionRequest
 from gateway.ratelimit import KeyLimiter
 from gateway.routes import completions, embeddings, health, models, retrieval_proxy, search
 from gateway.search.service import SearchService
@@ -81,6 +84,33 @@ def _drain_on_sigterm(admission: Admission, delay: float) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
+def _openapi_with_raw_routes(app: FastAPI) -> dict[str, Any]:
+    """FastAPI documents its own routes; the two raw-ASGI generation routes are added from their models."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for path, model in (("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest)):
+        model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(model_schema.pop("$defs", {}))
+        components[model.__name__] = model_schema
+        schema["paths"][path] = {
+            "post": {
+                "summary": f"OpenAI-compatible {path.rsplit('/', 1)[-1].replace('_', ' ')} (relayed to vLLM)",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+                },
+                "responses": {
+                    "200": {"description": "The model's answer, or an SSE stream when stream is true"},
+                    "400": {"description": "OpenAI error"},
+                },
+            }
+        }
+    app.openapi_schema = schema
+    return schema
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -136,4 +166,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected)
     app.add_middleware(GatewayMiddleware, max_body_bytes=settings.max_body_bytes, keys=KeyChecker(settings))
+    app.openapi = lambda: _openapi_with_raw_routes(app)  # type: ignore[method-assign]
     return app

@@ -107,6 +107,49 @@ class UpstreamTimeout(GatewayError):
     message = "The model server did not answer in time."
 
 
+# Media (the gateway fetches and checks images/videos before any replica sees them).
+class MediaUrlRefused(InvalidRequest):
+    code = "media_url_refused"
+
+
+class MediaFetchFailed(InvalidRequest):
+    code = "media_fetch_failed"
+
+
+class ImageRefused(InvalidRequest):
+    code = "invalid_image"
+
+
+class VideoRefused(InvalidRequest):
+    code = "invalid_video"
+
+
+class MediaTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code: str | None = "media_too_large"
+
+
+class MediaFetchTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code: str | None = "media_fetch_timeout"
+
+
+# Search collections.
+class Conflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    code: str | None = "conflict"
+
+
+class StorageFailed(GatewayError):
+    status = 507
+    type = "storage_error"
+    code: str | None = "index_storage_failed"
+    message = "The index could not be written durably; nothing was acknowledged. Retry later."
+
+
 STATUS_ERRORS: dict[int, type[GatewayError]] = {
     400: InvalidRequest,
     401: Unauthorized,

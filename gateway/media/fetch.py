@@ -14,27 +14,11 @@ from urllib.parse import urljoin
 import aiohttp
 
 from gateway.config import MediaSettings
-from gateway.errors import GatewayError, InvalidRequest
-from gateway.media.guard import GuardedResolver, MediaAccessPolicy, MediaUrlRefused, resolve_checked
+from gateway.errors import InvalidRequest, MediaFetchFailed, MediaFetchTimeout, MediaTooLarge, MediaUrlRefused
+from gateway.media.guard import GuardedResolver, MediaAccessPolicy, resolve_checked
 
 REDIRECTS = (301, 302, 303, 307, 308)
 READ_CHUNK = 64 * 1024
-
-
-class MediaTooLarge(GatewayError):
-    status = 413
-    type = "invalid_request_error"
-    code: str | None = "media_too_large"
-
-
-class MediaFetchTimeout(GatewayError):
-    status = 408
-    type = "invalid_request_error"
-    code: str | None = "media_fetch_timeout"
-
-
-class MediaFetchFailed(InvalidRequest):
-    code = "media_fetch_failed"
 
 
 def decode_data_url(url: str, max_bytes: int, param: str) -> tuple[str, bytes]:

@@ -17,16 +17,12 @@ from urllib.parse import urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from gateway.errors import InvalidRequest
+from gateway.errors import MediaUrlRefused
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 ALLOWED_SCHEMES = ("http", "https")
 # NAT64 and 6to4 wrap an IPv4 address inside IPv6; the wrapped one is what a connect reaches.
 NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-
-
-class MediaUrlRefused(InvalidRequest):
-    code = "media_url_refused"
 
 
 def _unwrap(address: IPAddress) -> IPAddress:

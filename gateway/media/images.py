@@ -14,15 +14,11 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from gateway.errors import InvalidRequest
+from gateway.errors import ImageRefused
 
 PATCH = 28  # Qwen2.5-VL: 14-pixel patches merged 2x2 -> one visual token per 28x28 pixels
 MAX_ASPECT_RATIO = 200  # Qwen2.5-VL's processor refuses more extreme shapes
 JPEG_QUALITY = 95
-
-
-class ImageRefused(InvalidRequest):
-    code = "invalid_image"
 
 
 @dataclass(frozen=True, slots=True)

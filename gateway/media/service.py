@@ -21,9 +21,8 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from gateway.config import MediaSettings, ModelPool
-from gateway.errors import ContextLengthExceeded, GatewayError
-from gateway.media.fetch import MediaFetcher, MediaTooLarge, decode_data_url
-from gateway.media.guard import MediaUrlRefused
+from gateway.errors import ContextLengthExceeded, GatewayError, MediaTooLarge, MediaUrlRefused
+from gateway.media.fetch import MediaFetcher, decode_data_url
 from gateway.media.images import PreparedMedia, decode_image, prepare_image
 from gateway.media.video import VideoCaps, prepare_video
 from gateway.metrics import GatewayMetrics

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import av
 
-from gateway.errors import InvalidRequest
+from gateway.errors import VideoRefused
 from gateway.media.images import PATCH, PreparedMedia, smart_resize
 
 SAMPLED_FPS = 2.0  # Qwen2.5-VL's default sampling rate
@@ -23,10 +23,6 @@ TEMPORAL_PATCH = 2
 MAX_SAMPLED_FRAMES = 768
 VIDEO_MIN_PIXELS = 128 * 28 * 28
 VIDEO_MAX_PIXELS = 768 * 28 * 28
-
-
-class VideoRefused(InvalidRequest):
-    code = "invalid_video"
 
 
 @dataclass(frozen=True, slots=True)

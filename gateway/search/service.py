@@ -20,7 +20,7 @@ import orjson
 
 from gateway.config import SearchSettings
 from gateway.embeddings.service import EmbeddingsService
-from gateway.errors import GatewayError, InvalidRequest, NotFound, ServiceUnavailable
+from gateway.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable, StorageFailed
 from gateway.metrics import GatewayMetrics
 from gateway.protocol.search import Content, CreateCollection, Item, SearchRequest
 from gateway.search.collection import META_NAME, Collection, CollectionMeta
@@ -28,19 +28,6 @@ from gateway.search.index import Filter
 from gateway.search.store import Record
 
 log = logging.getLogger("gateway.search")
-
-
-class Conflict(GatewayError):
-    status = 409
-    type = "invalid_request_error"
-    code: str | None = "conflict"
-
-
-class StorageFailed(GatewayError):
-    status = 507
-    type = "storage_error"
-    code: str | None = "index_storage_failed"
-    message = "The index could not be written durably; nothing was acknowledged. Retry later."
 
 
 def compile_filter(spec: dict[str, Any] | None) -> Filter | None:

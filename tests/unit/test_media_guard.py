@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.media.guard import MediaAccessPolicy, MediaUrlRefused, is_public_address, resolve_checked
+from gateway.errors import MediaUrlRefused
+from gateway.media.guard import MediaAccessPolicy, is_public_address, resolve_checked
 
 PRIVATE_V4 = [
     "127.0.0.0/8",

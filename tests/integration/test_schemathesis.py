@@ -1,0 +1,75 @@
+"""Property-based requests generated from the gateway's own OpenAPI schema: whatever arrives, never a 5xx."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+
+from tests.fake_upstream import FakeVllm
+from tests.support import RunningGateway, run_gateway, write_config
+
+KEY = "sk-schemathesis"
+EXAMPLES_PER_OPERATION = 200  # 12 operations -> 2,400 generated requests
+
+
+@pytest.fixture(scope="module")
+def fake_upstream() -> Iterator[FakeVllm]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    fake = asyncio.run_coroutine_threadsafe(FakeVllm().start(), loop).result(10)
+    yield fake
+    asyncio.run_coroutine_threadsafe(fake.stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, log_dir: Path, fake_upstream: FakeVllm
+) -> Iterator[RunningGateway]:
+    root = tmp_path_factory.mktemp("schemathesis")
+    models = [{"name": "m", "upstreams": [fake_upstream.url], "max_model_len": 4096}]
+    config = write_config(
+        root / "g.yaml",
+        models,
+        api_keys=[KEY],
+        embeddings={"clip_model": "tiny-random"},
+        search={"index_dir": str(root / "index")},
+    )
+    with run_gateway(["--config", str(config)], log_dir) as running:
+        for _ in range(300):
+            if httpx.get(f"{running.base_url}/health/ready").json()["embeddings"]["state"] == "ready":
+                break
+            time.sleep(0.1)
+        client = httpx.Client(base_url=running.base_url, headers={"Authorization": f"Bearer {KEY}"})
+        client.post("/v1/collections", json={"name": "docs"}).raise_for_status()
+        yield running
+
+
+@pytest.fixture(scope="module")
+def api_schema(gateway: RunningGateway) -> schemathesis.BaseSchema:
+    return schemathesis.openapi.from_url(f"{gateway.base_url}/openapi.json")
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(
+    max_examples=EXAMPLES_PER_OPERATION,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+)
+def test_no_generated_request_gets_a_server_error(case: schemathesis.Case) -> None:
+    response = case.call(headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert response.status_code < 500, f"{case.method} {case.path} -> {response.status_code}: {response.text[:300]}"
+    if response.status_code >= 400:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
