@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
 from gateway.asgi import Message, Receive, Send, read_body, send_error
-from gateway.errors import GatewayError, ModelNotFound
+from gateway.errors import GatewayError, InvalidRequest, ModelNotFound
 from gateway.metrics import UNKNOWN_MODEL
 from gateway.request_checks import Request, check_against_pool, media_parts, parse_request
 from gateway.state import GatewayState
@@ -59,7 +60,7 @@ class CompletionsEndpoint:
                     visual_tokens = 0
                     if parts:
                         visual_tokens = await gateway.media.prepare(data, parts, replicas.pool)
-                        body = orjson.dumps(data)
+                        body = reserialise(data)
                     state["response_headers"] += gateway.limiter.charge_tokens(
                         state["identity"].key_id, estimated_tokens(request, visual_tokens)
                     )
@@ -100,6 +101,13 @@ class CompletionsEndpoint:
             in_flight.dec()
             metrics.requests.labels(self.route, model_label, str(status)).inc()
             metrics.request_duration.labels(self.route, model_label).observe(time.perf_counter() - started)
+
+
+def reserialise(data: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(data)
+    except TypeError:  # an allow-listed field holding an integer beyond 64 bits
+        raise InvalidRequest("The request holds a number too large to forward.") from None
 
 
 def estimated_tokens(request: Request, visual_tokens: int) -> int:

@@ -121,7 +121,7 @@ class ChatCompletionRequest(SamplingParams):
         return total
 
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_TOKENS_CEILING)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=1 << 31)]], Field(max_length=MAX_TOKENS_CEILING)]
 
 
 PromptList = Annotated[list[str], Field(min_length=1, max_length=1024)]

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from gateway.protocol.chat import ImagePart
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=4096)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=1 << 31)]], Field(min_length=1, max_length=4096)]
 
 
 class TextInput(BaseModel):

@@ -41,7 +41,7 @@ class SamplingParams(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)
     stop: StopStr | list[StopStr] | None = Field(None, max_length=16)
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=64)
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=1 << 31)]] | None = Field(None, max_length=64)
     min_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_CEILING)
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None

@@ -18,7 +18,7 @@ class IndexSpec(BaseModel):
     ef_search: int = Field(64, ge=8, le=4096)
     nlist: int | None = Field(None, ge=1, le=1 << 20)  # IVF lists; default ~4*sqrt(rows)
     nprobe: int = Field(16, ge=1, le=1 << 16)
-    min_rows_for_ann: int = Field(1000, ge=1)  # below this, exact search is as fast
+    min_rows_for_ann: int = Field(1000, ge=1, le=1 << 40)  # below this, exact search is as fast
 
     def build(self, dim: int, vectors: np.ndarray) -> Any:
         """A FAISS index over `vectors` (inner product). Uses a GPU copy when faiss has GPUs (IVF only)."""

@@ -193,7 +193,13 @@ class SearchService:
         if len(set(ids)) != len(ids):
             raise InvalidRequest("Item ids must be unique within one request.", param="items")
         for i, item in enumerate(items):
-            if len(orjson.dumps(item.metadata)) > self.settings.max_metadata_bytes:
+            try:
+                encoded = orjson.dumps(item.metadata)
+            except TypeError:  # e.g. an integer beyond 64 bits
+                raise InvalidRequest(
+                    "Metadata must be plain JSON with 64-bit numbers.", param=f"items[{i}].metadata"
+                ) from None
+            if len(encoded) > self.settings.max_metadata_bytes:
                 raise InvalidRequest(
                     f"Metadata is limited to {self.settings.max_metadata_bytes} bytes.", param=f"items[{i}].metadata"
                 )

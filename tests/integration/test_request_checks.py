@@ -73,6 +73,7 @@ def _assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any
         ({"temperature": -1}, "temperature"),
         ({"top_logprobs": 10_000, "logprobs": True}, "top_logprobs"),
         ({"min_tokens": 50, "max_tokens": 10}, None),
+        ({"stop_token_ids": [2**40]}, "stop_token_ids[0]"),
         ({"top_p": 0}, "top_p"),
         ({"stop": ["x"] * 1000}, "stop"),
         ({"messages": []}, "messages"),

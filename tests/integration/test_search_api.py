@@ -137,6 +137,7 @@ def test_read_only_key_cannot_write_or_administer(gateway: RunningGateway) -> No
         ({"items": [{"id": "d", "text": "a"}, {"id": "d", "text": "b"}]}, 400),  # duplicate ids
         ({"items": [{"id": "m", "text": "a", "metadata": {"blob": "x" * 20_000}}]}, 400),  # metadata cap
         ({"items": [{"id": "i", "image_url": "http://169.254.169.254/latest"}]}, 400),  # media guard applies
+        ({"items": [{"id": "n", "text": "a", "metadata": {"n": 2**70}}]}, 400),  # beyond 64-bit: found by schemathesis
     ],
 )
 def test_bad_items_are_refused_whole(gateway: RunningGateway, body: dict[str, object], status: int) -> None:
