@@ -67,6 +67,13 @@ async def _on_unexpected(_: Request, exc: Exception) -> Response:
     return _error_response(GatewayError())
 
 
+async def _watch_keys_file(keys: KeyChecker, limiter: KeyLimiter) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        if keys.reload_if_changed():
+            limiter.update_keys(keys.rate_limits)
+
+
 def _drain_on_sigterm(admission: Admission, delay: float) -> None:
     """On SIGTERM, fail readiness and refuse new work at once; after `delay`, hand the signal to the server,
     which stops listening and lets in-flight requests finish (uvicorn's graceful-shutdown timeout)."""
@@ -112,6 +119,8 @@ def _openapi_with_raw_routes(app: FastAPI) -> dict[str, Any]:
 
 
 def create_app(settings: Settings) -> FastAPI:
+    keys = KeyChecker(settings)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = GatewayMetrics()
@@ -124,7 +133,6 @@ def create_app(settings: Settings) -> FastAPI:
         searcher = SearchService(settings.search, embedder, metrics)
         limit = settings.memory_limit_bytes or memory_limit_bytes()
         admission = Admission(int(limit * settings.memory_shed_fraction) if limit else None)
-        keys = KeyChecker(settings)
         limiter = KeyLimiter(settings.rate_limits, keys.rate_limits)
         app.state.gateway = GatewayState(
             settings, metrics, pools, upstream, media, embedder, searcher, admission, limiter
@@ -139,10 +147,15 @@ def create_app(settings: Settings) -> FastAPI:
             await searcher.start()
         metrics_server.start()
         admission.start()
+        key_watch = (
+            asyncio.create_task(_watch_keys_file(keys, limiter), name="keys-file") if settings.keys_file else None
+        )
         try:
             yield
         finally:
             metrics_server.stop()
+            if key_watch is not None:
+                key_watch.cancel()
             await admission.stop()
             await pools.stop()
             await searcher.stop()
@@ -165,6 +178,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected)
-    app.add_middleware(GatewayMiddleware, max_body_bytes=settings.max_body_bytes, keys=KeyChecker(settings))
+    app.add_middleware(GatewayMiddleware, max_body_bytes=settings.max_body_bytes, keys=keys)
     app.openapi = lambda: _openapi_with_raw_routes(app)  # type: ignore[method-assign]
     return app

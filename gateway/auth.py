@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
-from gateway.config import ALL_SCOPES, RateLimits, Scope, Settings
+import yaml
+
+from gateway.config import ALL_SCOPES, RateLimits, Scope, ScopedKey, Settings
 from gateway.errors import PermissionDenied
 
 BEARER = b"bearer "
+log = logging.getLogger("gateway.auth")
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,20 +31,58 @@ class Identity:
 ANONYMOUS = Identity("anonymous", frozenset(ALL_SCOPES), "default")
 
 
+def load_keys_file(path: Path) -> list[ScopedKey]:
+    data = yaml.safe_load(path.read_text()) or []
+    if not isinstance(data, list):
+        raise ValueError("a keys file holds a YAML list of keys")
+    return [ScopedKey.model_validate(entry) for entry in data]
+
+
 class KeyChecker:
     def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._file_stamp: tuple[float, int] | None = None
+        self._entries: list[tuple[bytes, frozenset[Scope], str | None]] = []
+        self.rate_limits: dict[str, RateLimits] = {}
+        self._install(self._file_keys())
+
+    def _file_keys(self) -> list[ScopedKey]:
+        path = self._settings.keys_file
+        if path is None:
+            return []
+        stat = path.stat()
+        self._file_stamp = (stat.st_mtime, stat.st_size)
+        return load_keys_file(path)
+
+    def _install(self, file_keys: list[ScopedKey]) -> None:
+        settings = self._settings
+        keys = [*settings.keys, *file_keys]
         entries: list[tuple[bytes, frozenset[Scope], str | None]] = [
             (bytes.fromhex(d), frozenset(ALL_SCOPES), None) for d in settings.api_key_hashes
         ]
-        entries += [(bytes.fromhex(k.sha256 or ""), frozenset(k.scopes), k.namespace) for k in settings.keys]
-        self._entries = entries
-        self.rate_limits: dict[str, RateLimits] = {
-            (k.sha256 or "")[:12]: k.rate_limits for k in settings.keys if k.rate_limits is not None
-        }
+        entries += [(bytes.fromhex(k.sha256 or ""), frozenset(k.scopes), k.namespace) for k in keys]
+        self._entries = entries  # one assignment: a request sees the old set or the new one, never half
+        self.rate_limits = {(k.sha256 or "")[:12]: k.rate_limits for k in keys if k.rate_limits is not None}
+
+    def reload_if_changed(self) -> bool:
+        """Re-read the keys file if it changed; a broken file keeps the keys in force (and says so)."""
+        path = self._settings.keys_file
+        if path is None:
+            return False
+        try:
+            stat = path.stat()
+            if (stat.st_mtime, stat.st_size) == self._file_stamp:
+                return False
+            self._install(self._file_keys())
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            log.error("keys file %s not reloaded (%s); the previous keys stay in force", path, type(exc).__name__)
+            return False
+        log.info("keys file %s reloaded: %d keys", path, len(self._entries))
+        return True
 
     @property
     def enabled(self) -> bool:
-        return bool(self._entries)
+        return self._settings.auth_enabled
 
     def identify(self, authorization: bytes | None) -> Identity | None:
         """Who is calling, or None when the header is missing or names no configured key."""

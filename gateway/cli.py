@@ -26,6 +26,7 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument("--max-model-len", type=int, help="the model's context length, for early rejection")
     serve.add_argument("--max-inflight", type=int, help="requests in flight on the model before 429s")
     serve.add_argument("--api-key", action="append", help="accepted API key; repeatable (stored hashed)")
+    serve.add_argument("--keys-file", type=Path, help="YAML list of scoped keys, re-read when it changes")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--role", choices=["all", "proxy", "retrieval"])
     serve.add_argument("--index-dir", type=Path, help="where search collections live")
@@ -64,6 +65,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["search"] = {"index_dir": args.index_dir}
     if args.api_key:
         overrides["api_keys"] = args.api_key
+    if args.keys_file is not None:
+        overrides["keys_file"] = args.keys_file
     if args.upstream or args.model:
         if not (args.upstream and args.model):
             raise SystemExit("--upstream and --model go together")

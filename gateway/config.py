@@ -193,6 +193,9 @@ class Settings(BaseSettings):
     api_keys: list[SecretStr] = Field(default_factory=list, exclude=True)
     api_key_hashes: list[str] = Field(default_factory=list)
     keys: list[ScopedKey] = Field(default_factory=list, max_length=100_000)
+    # A YAML list of keys (as `keys`), re-read when it changes: add, rotate or revoke keys without a restart.
+    # Naming a file turns auth on even while the file is empty (then nobody gets in).
+    keys_file: Path | None = None
 
     rate_limits: RateLimits = Field(default_factory=RateLimits)
     # Shed new work with 503 once resident memory reaches this fraction of the cgroup limit (or of
@@ -240,7 +243,7 @@ class Settings(BaseSettings):
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.api_key_hashes or self.keys)
+        return bool(self.api_key_hashes or self.keys or self.keys_file)
 
     def pool(self, name: str) -> ModelPool | None:
         return next((p for p in self.models if p.name == name), None)

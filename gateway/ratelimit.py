@@ -43,13 +43,18 @@ def _reset(seconds: float) -> str:
 class KeyLimiter:
     def __init__(self, defaults: RateLimits, per_key: dict[str, RateLimits]) -> None:
         self.defaults = defaults
-        # A key's own limits override the gateway-wide ones field by field; unset fields keep the defaults.
+        self.per_key: dict[str, RateLimits] = {}
+        self.update_keys(per_key)
+        self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        self._active: dict[str, int] = {}
+
+    def update_keys(self, per_key: dict[str, RateLimits]) -> None:
+        """A key's own limits override the gateway-wide ones field by field; unset fields keep the defaults."""
+        defaults = self.defaults
         self.per_key = {
             key: defaults.model_copy(update={k: v for k, v in own.model_dump().items() if v is not None})
             for key, own in per_key.items()
         }
-        self._buckets: dict[tuple[str, str], TokenBucket] = {}
-        self._active: dict[str, int] = {}
 
     def limits(self, key_id: str) -> RateLimits:
         return self.per_key.get(key_id, self.defaults)

@@ -122,3 +122,27 @@ async def test_sigterm_drains_in_flight_streams_and_refuses_new_work(
         # uvicorn re-raises the SIGTERM it handled once its orderly shutdown is done, so the status says SIGTERM.
         assert exit_code in (0, -signal.SIGTERM)
         assert "Application shutdown complete" in gateway.log(), "lifespan shutdown ran (final snapshots etc.)"
+
+
+async def test_keys_file_changes_apply_without_restart(tmp_path: Path, log_dir: Path, fake_a: FakeVllm) -> None:
+    import hashlib
+
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text("- key: sk-first\n  scopes: [read]\n")
+    args = [*_config(tmp_path, fake_a), "--keys-file", str(keys_file)]
+    async with run_gateway_async(args, log_dir) as gateway:
+        assert (await _post(gateway, CHAT, "sk-first")).status_code == 200
+        assert (await _post(gateway, CHAT, "sk-second")).status_code == 401
+        digest = hashlib.sha256(b"sk-second").hexdigest()  # a file may hold digests only
+        keys_file.write_text(f"- sha256: {digest}\n  rate_limits: {{requests_per_minute: 1}}\n")
+        await asyncio.sleep(1.6)
+        assert (await _post(gateway, CHAT, "sk-first")).status_code == 401, "revoked without a restart"
+        assert (await _post(gateway, CHAT, "sk-second")).status_code == 200
+        assert (await _post(gateway, CHAT, "sk-second")).status_code == 429, "its own limits apply too"
+        keys_file.write_text("- key: [this is not a key\n")
+        await asyncio.sleep(1.6)
+        assert (await _post(gateway, CHAT, "sk-first")).status_code == 401, "a broken file changes nothing"
+        assert "not reloaded" in gateway.log() and "sk-second" not in gateway.log()
+        keys_file.write_text("[]\n")
+        await asyncio.sleep(1.6)
+        assert (await _post(gateway, CHAT, "sk-second")).status_code == 401, "an empty file lets nobody in"
