@@ -83,6 +83,8 @@ class SearchService:
         self._writer.shutdown(wait=True)
 
     def problems(self) -> list[str]:
+        for collection in self.collections.values():
+            self._check_encoder(collection)  # known as soon as the encoder has loaded, not at first use
         return [c.error or c.meta.name for c in self.collections.values() if c.state != "ready"]
 
     def _check_encoder(self, collection: Collection) -> None:

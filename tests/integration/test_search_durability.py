@@ -267,6 +267,8 @@ def test_a_collection_from_another_encoder_is_not_served(tmp_path: Path, log_dir
             if c.get("/health/ready").json()["embeddings"]["state"] == "ready":
                 break
             time.sleep(0.1)
+        ready = c.get("/health/ready")
+        assert ready.status_code == 503 and "holds vectors of 'clip-a'" in ready.json()["problems"][0]
         response = c.post("/v1/search", json={"collection": "pics", "query": {"text": "hello"}})
         assert response.status_code == 503
         assert "holds vectors of 'clip-a'" in response.json()["error"]["message"]
