@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,14 @@ class RunningGateway:
 
     def log(self) -> str:
         return self.process.log_path.read_text(errors="replace")
+
+    def wait_for_encoder(self, timeout: float = 30.0) -> None:
+        """The CLIP encoder loads in the background after start-up; wait until readiness says it is ready."""
+        deadline = time.monotonic() + timeout
+        while httpx.get(f"{self.base_url}/health/ready").json()["embeddings"]["state"] != "ready":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"encoder not ready after {timeout}s:\n{self.log()[-2000:]}")
+            time.sleep(0.1)
 
 
 @contextlib.contextmanager

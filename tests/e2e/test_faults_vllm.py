@@ -23,9 +23,22 @@ LONG_STREAM = {
 }
 
 
+def _quiet(replicas: list[Replica]) -> None:
+    """Wait out work left by an earlier test (a resumed replica finishing its abort), so counts mean this test."""
+    assert wait_for(lambda: all(r.running_requests() == 0 for r in replicas if r.process.alive()), timeout=30)
+
+
 def _serving_replica(replicas: list[Replica]) -> Replica:
-    assert wait_for(lambda: sum(r.running_requests() for r in replicas) == 1, timeout=10)
-    return next(r for r in replicas if r.running_requests() == 1)
+    """The replica running this test's one request, read from a single consistent look at both."""
+    serving: list[Replica] = []
+
+    def exactly_one() -> bool:
+        counts = [r.running_requests() for r in replicas]
+        serving[:] = [r for r, count in zip(replicas, counts, strict=True) if count == 1]
+        return sorted(counts) == [0] * (len(replicas) - 1) + [1]
+
+    assert wait_for(exactly_one, timeout=10)
+    return serving[0]
 
 
 def test_client_disconnect_aborts_the_generation_upstream(
@@ -33,6 +46,7 @@ def test_client_disconnect_aborts_the_generation_upstream(
 ) -> None:
     generated_before = sum(r.generated_tokens() for r in live_replicas)
     finished_before = sum(r.finished("length") for r in live_replicas)
+    _quiet(live_replicas)
     stream = client(gateway).chat.completions.create(**LONG_STREAM)  # type: ignore[call-overload]
     iterator = iter(stream)
     next(iterator), next(iterator)
@@ -49,6 +63,7 @@ def test_frozen_replica_mid_stream_hits_the_idle_timeout(
 ) -> None:
     args = gateway_args(tmp_path, live_replicas, timeouts={"first_token": 30, "idle": 2})
     with run_gateway(args, log_dir) as gateway:
+        _quiet(live_replicas)
         stream = client(gateway).chat.completions.create(**LONG_STREAM)  # type: ignore[call-overload]
         iterator = iter(stream)
         next(iterator)
@@ -66,6 +81,7 @@ def test_frozen_replica_mid_stream_hits_the_idle_timeout(
 
 def test_replica_killed_mid_stream(gateway: RunningGateway, live_replicas: list[Replica]) -> None:
     sdk = client(gateway)
+    _quiet(live_replicas)
     stream = sdk.chat.completions.create(**LONG_STREAM)  # type: ignore[call-overload]
     iterator = iter(stream)
     next(iterator)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,10 +37,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator
         embeddings={"clip_model": "tiny-random", "max_queue": 64, "max_batch": 32, "max_wait_ms": 5},
     )
     with run_gateway(["--config", str(config)], log_dir) as running:
-        for _ in range(300):  # the encoder loads in the background after start-up
-            if httpx.get(f"{running.base_url}/health/ready").json()["embeddings"]["state"] == "ready":
-                break
-            time.sleep(0.1)
+        running.wait_for_encoder()
         yield running
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,10 +44,7 @@ def gateway(
         search={"index_dir": str(root / "index")},
     )
     with run_gateway(["--config", str(config)], log_dir) as running:
-        for _ in range(300):
-            if httpx.get(f"{running.base_url}/health/ready").json()["embeddings"]["state"] == "ready":
-                break
-            time.sleep(0.1)
+        running.wait_for_encoder()
         client = httpx.Client(base_url=running.base_url, headers={"Authorization": f"Bearer {KEY}"})
         client.post("/v1/collections", json={"name": "docs"}).raise_for_status()
         yield running

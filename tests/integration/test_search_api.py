@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,10 +37,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator
         search={"index_dir": str(root / "index")},
     )
     with run_gateway(["--config", str(config)], log_dir) as running:
-        for _ in range(300):
-            if httpx.get(f"{running.base_url}/health/ready").json()["embeddings"]["state"] == "ready":
-                break
-            time.sleep(0.1)
+        running.wait_for_encoder()
         client = httpx.Client(base_url=running.base_url, timeout=30, headers=_auth(ADMIN))
         assert client.post("/v1/collections", json={"name": "media"}).status_code == 201
         yield running

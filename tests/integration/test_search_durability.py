@@ -263,10 +263,7 @@ def test_a_collection_from_another_encoder_is_not_served(tmp_path: Path, log_dir
         assert c.post("/v1/collections", json={"name": "pics"}).status_code == 201
         assert c.post("/v1/collections/pics/items", json={"items": [{"id": "t", "text": "hello"}]}).status_code == 200
     with run_gateway(args("clip-b"), log_dir) as gateway, httpx.Client(base_url=gateway.base_url, timeout=60) as c:
-        for _ in range(300):
-            if c.get("/health/ready").json()["embeddings"]["state"] == "ready":
-                break
-            time.sleep(0.1)
+        gateway.wait_for_encoder()
         ready = c.get("/health/ready")
         assert ready.status_code == 503 and "holds vectors of 'clip-a'" in ready.json()["problems"][0]
         response = c.post("/v1/search", json={"collection": "pics", "query": {"text": "hello"}})

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from gateway.cli import main as cli_main
@@ -35,10 +33,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator
         (photos / name).write_bytes(png_bytes(96, 72, colour))
     (photos / "captions.csv").write_text("red.png,a bright red square\n")
     with run_gateway(["--config", str(config)], log_dir) as running:
-        for _ in range(300):
-            if httpx.get(f"{running.base_url}/health/ready").json()["embeddings"]["state"] == "ready":
-                break
-            time.sleep(0.1)
+        running.wait_for_encoder()
         cli_main(
             [
                 "index",
