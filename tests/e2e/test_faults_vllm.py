@@ -12,7 +12,7 @@ import pytest
 
 from tests.e2e.conftest import API_KEY, MODEL, Replica, gateway_args, wait_for
 from tests.e2e.test_chat_vllm import client
-from tests.support import RunningGateway, run_gateway
+from tests.support import RunningGateway, metric_value, run_gateway
 
 LONG_STREAM = {
     "model": MODEL,
@@ -23,17 +23,14 @@ LONG_STREAM = {
 }
 
 
-def _quiet(replicas: list[Replica]) -> None:
-    """Wait out work left by an earlier test (a resumed replica finishing its abort), so counts mean this test."""
-    assert wait_for(lambda: all(r.running_requests() == 0 for r in replicas if r.process.alive()), timeout=30)
-
-
-def _serving_replica(replicas: list[Replica]) -> Replica:
-    """The replica running this test's one request, read from a single consistent look at both."""
+def _serving_replica(gateway: RunningGateway, replicas: list[Replica]) -> Replica:
+    """The replica holding this test's one request, from the gateway's own per-replica gauge (exact and
+    immediate; vLLM's num_requests_running is refreshed only as its engine steps, so it can be stale)."""
     serving: list[Replica] = []
 
     def exactly_one() -> bool:
-        counts = [r.running_requests() for r in replicas]
+        text = gateway.metrics()
+        counts = [metric_value(text, "gateway_replica_outstanding_requests", {"replica": r.url}) for r in replicas]
         serving[:] = [r for r, count in zip(replicas, counts, strict=True) if count == 1]
         return sorted(counts) == [0] * (len(replicas) - 1) + [1]
 
@@ -46,11 +43,10 @@ def test_client_disconnect_aborts_the_generation_upstream(
 ) -> None:
     generated_before = sum(r.generated_tokens() for r in live_replicas)
     finished_before = sum(r.finished("length") for r in live_replicas)
-    _quiet(live_replicas)
     stream = client(gateway).chat.completions.create(**LONG_STREAM)  # type: ignore[call-overload]
     iterator = iter(stream)
     next(iterator), next(iterator)
-    serving = _serving_replica(live_replicas)
+    serving = _serving_replica(gateway, live_replicas)
     stream.close()  # the client hangs up mid-stream
     assert wait_for(lambda: serving.running_requests() == 0, timeout=10), "vLLM kept generating for nobody"
     # Had vLLM not aborted, the request would have run on to its 7,000 tokens before leaving the running set.
@@ -63,11 +59,10 @@ def test_frozen_replica_mid_stream_hits_the_idle_timeout(
 ) -> None:
     args = gateway_args(tmp_path, live_replicas, timeouts={"first_token": 30, "idle": 2})
     with run_gateway(args, log_dir) as gateway:
-        _quiet(live_replicas)
         stream = client(gateway).chat.completions.create(**LONG_STREAM)  # type: ignore[call-overload]
         iterator = iter(stream)
         next(iterator)
-        frozen = _serving_replica(live_replicas)
+        frozen = _serving_replica(gateway, live_replicas)
         frozen.process.signal(signal.SIGSTOP)
         try:
             with pytest.raises(openai.APIError) as caught:
@@ -81,11 +76,10 @@ def test_frozen_replica_mid_stream_hits_the_idle_timeout(
 
 def test_replica_killed_mid_stream(gateway: RunningGateway, live_replicas: list[Replica]) -> None:
     sdk = client(gateway)
-    _quiet(live_replicas)
     stream = sdk.chat.completions.create(**LONG_STREAM)  # type: ignore[call-overload]
     iterator = iter(stream)
     next(iterator)
-    victim = _serving_replica(live_replicas)
+    victim = _serving_replica(gateway, live_replicas)
     survivor = next(r for r in live_replicas if r is not victim)
     victim.process.kill()
     with pytest.raises(openai.APIError) as caught:
