@@ -56,20 +56,14 @@ class CompletionsEndpoint:
         state = scope["state"]
         try:
             async with replicas.gate.slot():
-                try:
-                    visual_tokens = 0
-                    if parts:
-                        visual_tokens = await gateway.media.prepare(data, parts, replicas.pool)
-                        body = reserialise(data)
-                    state["response_headers"] += gateway.limiter.charge_tokens(
-                        state["identity"].key_id, estimated_tokens(request, visual_tokens)
-                    )
-                    opened = await gateway.upstream.open(replicas, self.route, body, state["request_id"])
-                except GatewayError as error:
-                    status = error.status
-                    metrics.rejections.labels(self.route, error.code or error.type).inc()
-                    await send_error(send, error)
-                    return
+                visual_tokens = 0
+                if parts:
+                    visual_tokens = await gateway.media.prepare(data, parts, replicas.pool)
+                    body = reserialise(data)
+                state["response_headers"] += gateway.limiter.charge_tokens(
+                    state["identity"].key_id, estimated_tokens(request, visual_tokens)
+                )
+                opened = await gateway.upstream.open(replicas, self.route, body, state["request_id"])
                 try:
                     outcome = await relay(
                         opened,
@@ -93,7 +87,7 @@ class CompletionsEndpoint:
                 metrics.prompt_tokens.labels(model_label).inc(outcome.prompt_tokens)
             if outcome.completion_tokens:
                 metrics.completion_tokens.labels(model_label).inc(outcome.completion_tokens)
-        except GatewayError as error:  # the pool's gate refused: full queue (429) or waited too long (503)
+        except GatewayError as error:  # gate refusal, media, token budget or upstream, all before the first byte
             status = error.status
             metrics.rejections.labels(self.route, error.code or error.type).inc()
             await send_error(send, error)
