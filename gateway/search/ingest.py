@@ -103,8 +103,9 @@ def ingest(
     done = set(progress_file.read_text().splitlines()) if progress_file.exists() else set()
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=300)
-    if client.get("/v1/collections").status_code == 200:
-        names = {c["name"] for c in client.get("/v1/collections").json()["data"]}
+    listing = client.get("/v1/collections")
+    if listing.status_code == 200:
+        names = {c["name"] for c in listing.json()["data"]}
         if collection not in names:
             client.post("/v1/collections", json={"name": collection}).raise_for_status()
     todo = [f for f in files if f.relative_to(root).as_posix() not in done]
