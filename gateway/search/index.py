@@ -10,6 +10,7 @@ swapped in under the lock once complete.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -153,8 +154,6 @@ class Shard:
 
     def wait_for_build(self, timeout: float = 60.0) -> None:
         """For tests and benchmarks: block until no build is running."""
-        import time
-
         deadline = time.monotonic() + timeout
         while self._building and time.monotonic() < deadline:
             time.sleep(0.01)
