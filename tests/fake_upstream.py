@@ -19,13 +19,14 @@ class Behaviour:
     retry_after: str | None = None
     chunks: int = 3
     chunk_delay: float = 0.0
+    padding: int = 0  # bytes of filler per chunk, to fill socket buffers quickly
 
 
-def sse_chunk(i: int) -> bytes:
+def sse_chunk(i: int, padding: int = 0) -> bytes:
     payload = {
         "id": "cmpl-fake",
         "object": "chat.completion.chunk",
-        "choices": [{"index": 0, "delta": {"content": f"t{i}"}}],
+        "choices": [{"index": 0, "delta": {"content": f"t{i}" + "x" * padding}}],
     }
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
@@ -94,7 +95,7 @@ class FakeVllm:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for i in range(b.chunks):
-            await response.write(sse_chunk(i))
+            await response.write(sse_chunk(i, b.padding))
             if b.mode in ("stall_mid", "drop_mid") and i == 1:
                 if b.mode == "drop_mid":
                     assert request.transport is not None

@@ -124,6 +124,9 @@ async def _relay_stream(
             while True:
                 budget.reschedule(min(loop.time() + timeouts.idle, total_deadline))
                 chunk = await content.readany()
+                # The idle clock covers the replica only: a client reading slowly blocks `send` below, and that
+                # backpressure must not read as a silent replica (it would end the stream and count a failure).
+                budget.reschedule(total_deadline)
                 if not chunk:
                     break
                 gap_end = time.perf_counter()

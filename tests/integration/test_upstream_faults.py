@@ -134,6 +134,25 @@ async def test_stall_mid_stream_ends_with_error_event_then_done(
         assert fake_a.hits + fake_b.hits == 1, "no silent retry after the first byte"
 
 
+async def test_slow_reading_client_is_not_an_idle_replica(tmp_path: Path, log_dir: Path, fake_a: FakeVllm) -> None:
+    """A client pausing longer than the idle timeout blocks the relay's writes; the replica kept sending, so the
+    stream must complete and the replica must not be blamed."""
+    fake_a.behaviour = Behaviour(chunks=400, padding=64 * 1024)  # ~26 MB: far more than the socket buffers hold
+    args = _config(tmp_path, [fake_a.url], timeouts={"first_token": 5, "idle": 1})
+    async with run_gateway_async(args, log_dir) as gateway:
+        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
+            async with client.stream("POST", "/v1/chat/completions", content=orjson.dumps(STREAM), headers=JSON) as r:
+                received = bytearray()
+                async for chunk in r.aiter_raw():
+                    if not received:
+                        await asyncio.sleep(2.5)  # stop reading for longer than `idle`
+                    received += chunk
+        assert received.endswith(b"data: [DONE]\n\n")
+        assert b'"error"' not in received
+        assert received.count(b"data: ") == 400 + 2
+        assert gateway.metric("gateway_upstream_errors_total", {"kind": "timeout_idle"}) == 0
+
+
 async def test_replica_dying_mid_stream_gives_error_event_and_marks_it_down(
     tmp_path: Path, log_dir: Path, fake_a: FakeVllm
 ) -> None:
