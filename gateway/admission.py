@@ -13,6 +13,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from prometheus_client import Gauge
+
 from gateway.errors import RateLimited, ServiceUnavailable
 
 log = logging.getLogger("gateway.admission")
@@ -21,12 +23,13 @@ log = logging.getLogger("gateway.admission")
 class Gate:
     """At most `limit` holders; up to `queue` more wait at most `queue_timeout` seconds, in arrival order."""
 
-    def __init__(self, limit: int | None, queue: int, queue_timeout: float) -> None:
+    def __init__(self, limit: int | None, queue: int, queue_timeout: float, waiting: Gauge | None = None) -> None:
         self.limit = limit
         self.queue = queue
         self.queue_timeout = queue_timeout
         self.active = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiting = waiting
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
@@ -50,6 +53,8 @@ class Gate:
             )
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        if self._waiting is not None:
+            self._waiting.inc()
         try:
             async with asyncio.timeout(self.queue_timeout):
                 await waiter  # _release hands the slot over directly (active is not decremented)
@@ -62,6 +67,8 @@ class Gate:
                 self._release()  # granted at the last moment: pass it on
             raise
         finally:
+            if self._waiting is not None:
+                self._waiting.dec()
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
 

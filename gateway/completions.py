@@ -64,6 +64,7 @@ class CompletionsEndpoint:
                     state["identity"].key_id, estimated_tokens(request, visual_tokens)
                 )
                 opened = await gateway.upstream.open(replicas, self.route, body, state["request_id"])
+                replicas.visual_tokens.inc(visual_tokens)
                 try:
                     outcome = await relay(
                         opened,
@@ -76,6 +77,7 @@ class CompletionsEndpoint:
                     )
                 finally:
                     replicas.release(opened.replica)
+                    replicas.visual_tokens.dec(visual_tokens)
             if outcome.upstream_broke:
                 replicas.mark_down(opened.replica)
             elif outcome.status == 504:

@@ -91,6 +91,19 @@ class GatewayMetrics:
             ["model", "replica"],
             registry=r,
         )
+        # Saturation per pool, summed over gateway pods by the autoscaler (helm/: KEDA triggers for vLLM).
+        self.pool_queued = Gauge(
+            "gateway_pool_queued_requests",
+            "Requests waiting for a free slot in the pool's max_inflight gate.",
+            ["model"],
+            registry=r,
+        )
+        self.pool_visual_tokens = Gauge(
+            "gateway_pool_visual_tokens_in_flight",
+            "Estimated visual tokens of the requests now open on the pool's replicas.",
+            ["model"],
+            registry=r,
+        )
         self.rejections = Counter(
             "gateway_rejected_requests",
             "Requests refused before reaching a replica, by reason.",

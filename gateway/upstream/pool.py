@@ -44,7 +44,8 @@ class ReplicaSet:
         self.breaker_failures = breaker_failures
         self.breaker_cooldown = breaker_cooldown
         self.replicas = [Replica(pool.name, url) for url in pool.upstreams]
-        self.gate = Gate(pool.max_inflight, pool.max_queue, pool.queue_timeout)
+        self.gate = Gate(pool.max_inflight, pool.max_queue, pool.queue_timeout, metrics.pool_queued.labels(pool.name))
+        self.visual_tokens = metrics.pool_visual_tokens.labels(pool.name)
         self._metrics = metrics
         self._rotation = 0
         self._healthy_gauges = {r: metrics.replica_healthy.labels(pool.name, r.base_url) for r in self.replicas}

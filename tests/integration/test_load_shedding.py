@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import signal
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+from PIL import Image
 
 from tests.fake_upstream import Behaviour, FakeVllm
 from tests.support import RunningGateway, run_gateway_async, write_config
@@ -42,6 +45,30 @@ async def test_beyond_the_inflight_limit_and_queue_answers_429_at_once(
         assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "rate_limit_error"
         assert fake_a.hits == 6
         assert (await _post(gateway, CHAT)).status_code == 200, "slots come back"
+
+
+async def test_pool_saturation_gauges_follow_queued_and_visual_work(
+    tmp_path: Path, log_dir: Path, fake_a: FakeVllm
+) -> None:
+    """The autoscaling signals (helm/ KEDA triggers) rise while work waits or runs and fall back to zero."""
+    fake_a.behaviour = Behaviour(chunks=20, chunk_delay=0.1)
+    args = _config(tmp_path, fake_a, {"max_inflight": 1, "max_queue": 4, "queue_timeout": 30})
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(_png()).decode()}}
+    with_image = {**CHAT, "stream": True, "messages": [{"role": "user", "content": [image]}]}
+    async with run_gateway_async(args, log_dir) as gateway:
+        work = [asyncio.create_task(_post(gateway, with_image)) for _ in range(3)]
+        await asyncio.sleep(0.8)
+        assert gateway.metric("gateway_pool_queued_requests", {"model": "m"}) == 2
+        assert gateway.metric("gateway_pool_visual_tokens_in_flight", {"model": "m"}) == 4, "one 56x56 image open"
+        assert [r.status_code for r in await asyncio.gather(*work)] == [200] * 3
+        assert gateway.metric("gateway_pool_queued_requests", {"model": "m"}) == 0
+        assert gateway.metric("gateway_pool_visual_tokens_in_flight", {"model": "m"}) == 0
+
+
+def _png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (56, 56), (200, 10, 10)).save(out, format="PNG")
+    return out.getvalue()
 
 
 async def test_queue_time_budget_gives_503(tmp_path: Path, log_dir: Path, fake_a: FakeVllm) -> None:
