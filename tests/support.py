@@ -26,6 +26,18 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
     return total
 
 
+def exported_metric_names() -> set[str]:
+    """Every sample name gateway/metrics.py can export (counters with _total, histograms with their series)."""
+    from gateway.metrics import GatewayMetrics
+
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
+    return {
+        family.name + suffix
+        for family in GatewayMetrics().registry.collect()
+        for suffix in suffixes.get(family.type, [""])
+    }
+
+
 class RunningGateway:
     def __init__(self, process: ManagedProcess, port: int) -> None:
         self.process = process

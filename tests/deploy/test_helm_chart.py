@@ -1,0 +1,239 @@
+"""The Helm chart, rendered by real Helm (helm-sdkpy) for the defaults and every profile, then checked against the
+Kubernetes schemas and for the properties users rely on: probes, resources, secrets by reference, isolation,
+autoscaling on metrics the gateway really exports, and a config file the gateway itself accepts."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from gateway.config import Settings
+from tests import helm_render
+from tests.support import exported_metric_names
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "vlm-gateway"
+PROFILES = ["default", "bf16", "awq", "cpu-dev"]
+KUBE_VERSION = "1.31.0"
+CRD_KINDS = {"ScaledObject", "ServiceMonitor"}  # not in Kubernetes' own schemas; checked field by field below
+WITH_KEYS = {"gateway": {"apiKeys": {"existingSecret": "gateway-keys", "key": "keys.yaml"}}}
+WITH_HF = {"vllm": {"hfToken": {"existingSecret": "hf", "key": "token"}}}
+
+
+def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Helm's merge of values: maps merge key by key, everything else (lists too) is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def profile_values(profile: str) -> dict[str, Any]:
+    if profile == "default":
+        return {}
+    return yaml.safe_load((CHART / f"values-{profile}.yaml").read_text())  # type: ignore[no-any-return]
+
+
+def render(tmp_path: Path, values: dict[str, Any]) -> list[dict[str, Any]]:
+    return helm_render.render(CHART, values, tmp_path, release="gw")  # type: ignore[no-any-return]
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
+    return workload["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module", params=PROFILES)
+def rendered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    values = merged(merged(profile_values(request.param), WITH_KEYS), WITH_HF)
+    return render(tmp_path_factory.mktemp(request.param), values)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_helm_lint_passes(profile: str, tmp_path: Path) -> None:
+    chart = tmp_path / "vlm-gateway"
+    shutil.copytree(CHART, chart)
+    values = merged(yaml.safe_load((CHART / "values.yaml").read_text()), profile_values(profile))
+    (chart / "values.yaml").write_text(yaml.safe_dump(values))
+    result = helm_render.lint(chart)
+    problems = [m for m in result["Messages"] if m["Severity"] >= 2]  # 2 warning, 3 error
+    assert result["Errors"] is None and not problems, problems
+
+
+def test_manifests_match_kubernetes_schemas(rendered: list[dict[str, Any]]) -> None:
+    kinds = {o["kind"] for o in rendered}
+    assert {"Deployment", "StatefulSet", "Service", "ConfigMap", "NetworkPolicy"} <= kinds
+    for obj in rendered:
+        if obj["kind"] in CRD_KINDS:
+            continue
+        clean = copy.deepcopy(obj)
+        for field in ("uid", "resourceVersion", "creationTimestamp"):
+            clean["metadata"].pop(field, None)
+        kubernetes_validate.validate(clean, KUBE_VERSION, strict=True)
+
+
+def test_every_container_has_probes_and_resources(rendered: list[dict[str, Any]]) -> None:
+    workloads = by_kind(rendered, "Deployment") + by_kind(rendered, "StatefulSet")
+    assert len(workloads) >= 3
+    for workload in workloads:
+        spec = pod_spec(workload)
+        for container in spec["containers"]:
+            where = f"{workload['metadata']['name']}/{container['name']}"
+            assert container["readinessProbe"]["httpGet"]["path"].startswith("/health"), where
+            assert container["livenessProbe"]["httpGet"]["path"].startswith("/health"), where
+            assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"], where
+            assert container["resources"]["limits"]["memory"], where
+        assert spec["automountServiceAccountToken"] is False
+
+
+def test_vllm_pods_get_gpus_shared_memory_and_a_long_startup_probe(rendered: list[dict[str, Any]]) -> None:
+    pools = [
+        d for d in by_kind(rendered, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "vllm"
+    ]
+    assert pools
+    for deployment in pools:
+        spec = pod_spec(deployment)
+        vllm = spec["containers"][0]
+        args = vllm["args"]
+        assert any(a.startswith("--limit-mm-per-prompt={") for a in args)
+        assert any(a.startswith("--max-model-len=") for a in args)
+        pixels = next(a for a in args if a.startswith("--mm-processor-kwargs="))
+        assert '"max_pixels"' in pixels and '"min_pixels"' in pixels
+        probe = vllm["startupProbe"]
+        assert probe["periodSeconds"] * probe["failureThreshold"] >= 600, "weights take minutes to load"
+        shm = next(v for v in spec["volumes"] if v["name"] == "shm")
+        assert shm["emptyDir"]["medium"] == "Memory"
+        assert {"mountPath": "/dev/shm", "name": "shm"} in vllm["volumeMounts"]
+        gpus = vllm["resources"]["limits"].get("nvidia.com/gpu", 0)
+        quantization = next((a.split("=")[1] for a in args if a.startswith("--quantization=")), None)
+        if gpus:
+            assert any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", []))
+        assert quantization in (None, "awq", "gptq")
+
+
+def test_secrets_are_only_referenced(rendered: list[dict[str, Any]]) -> None:
+    assert not by_kind(rendered, "Secret"), "the chart must never carry key material"
+    for workload in by_kind(rendered, "Deployment") + by_kind(rendered, "StatefulSet"):
+        spec = pod_spec(workload)
+        for container in spec["containers"]:
+            for env in container.get("env", []):
+                if re.search(r"TOKEN|KEY|SECRET|PASSWORD", env["name"]):
+                    assert "value" not in env and env["valueFrom"]["secretKeyRef"]["name"], env
+        component = workload["metadata"]["labels"]["app.kubernetes.io/component"]
+        if component in ("gateway", "retrieval"):
+            keys = next(v for v in spec["volumes"] if v["name"] == "keys")
+            assert keys["secret"]["secretName"] == "gateway-keys"
+        if component == "vllm":
+            token = next(e for e in spec["containers"][0]["env"] if e["name"] == "HF_TOKEN")
+            assert token["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
+
+
+def test_only_the_gateway_reaches_vllm_and_retrieval(rendered: list[dict[str, Any]]) -> None:
+    policies = {
+        p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]: p
+        for p in by_kind(rendered, "NetworkPolicy")
+    }
+    assert set(policies) == {"vllm", "retrieval"}
+    for component, policy in policies.items():
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        peers = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+        pod_peers = [p["podSelector"]["matchLabels"] for p in peers if "podSelector" in p]
+        assert pod_peers == [{**pod_peers[0], "app.kubernetes.io/component": "gateway"}], component
+        assert all("podSelector" in p or "namespaceSelector" in p for p in peers)
+        assert not any(p.get("namespaceSelector") == {} for p in peers), "an empty selector would admit everyone"
+
+
+def test_config_map_is_a_config_the_gateway_accepts(rendered: list[dict[str, Any]]) -> None:
+    config_map = by_kind(rendered, "ConfigMap")[0]
+    proxy = Settings.model_validate(yaml.safe_load(config_map["data"]["gateway.yaml"]))
+    assert proxy.role == "proxy" and proxy.keys_file is not None
+    services = {s["metadata"]["name"]: s for s in by_kind(rendered, "Service")}
+    for pool in proxy.models:
+        (upstream,) = pool.upstreams
+        host, port = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", upstream).groups()  # type: ignore[union-attr]
+        assert services[host]["spec"]["ports"][0]["port"] == int(port), "the gateway points at the pool's Service"
+        assert services[host]["metadata"]["labels"]["app.kubernetes.io/component"] == "vllm"
+    assert proxy.retrieval_url == f"http://gw-vlm-gateway-retrieval:{proxy.port}"
+    retrieval = Settings.model_validate(yaml.safe_load(config_map["data"]["retrieval.yaml"]))
+    assert retrieval.role == "retrieval" and str(retrieval.search.index_dir) == "/var/lib/vlm-gateway/index"
+    index_mount = next(
+        m
+        for m in pod_spec(by_kind(rendered, "StatefulSet")[0])["containers"][0]["volumeMounts"]
+        if m["name"] == "index"
+    )
+    assert retrieval.search.index_dir.is_relative_to(index_mount["mountPath"]), "the index lives on the PVC"
+
+
+def test_shutdown_leaves_time_to_drain_streams(rendered: list[dict[str, Any]]) -> None:
+    config = yaml.safe_load(by_kind(rendered, "ConfigMap")[0]["data"]["gateway.yaml"])
+    for workload in by_kind(rendered, "Deployment") + by_kind(rendered, "StatefulSet"):
+        if workload["metadata"]["labels"]["app.kubernetes.io/component"] == "vllm":
+            continue
+        spec = pod_spec(workload)
+        delay = int(spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][1])
+        assert delay >= 1
+        assert spec["terminationGracePeriodSeconds"] > delay + config["drain_timeout"]
+
+
+def test_autoscaling_uses_metrics_the_gateway_exports(rendered: list[dict[str, Any]]) -> None:
+    exported = exported_metric_names()
+    scaled = by_kind(rendered, "ScaledObject")
+    targets = {o["spec"]["scaleTargetRef"]["name"] for o in scaled}
+    for workload in by_kind(rendered, "Deployment"):
+        autoscaled = workload["metadata"]["name"] in targets or any(
+            h["spec"]["scaleTargetRef"]["name"] == workload["metadata"]["name"]
+            for h in by_kind(rendered, "HorizontalPodAutoscaler")
+        )
+        assert autoscaled == ("replicas" not in workload["spec"]), "the autoscaler alone owns the replica count"
+    for scaled_object in scaled:
+        assert scaled_object["apiVersion"] == "keda.sh/v1alpha1"
+        assert scaled_object["spec"]["minReplicaCount"] <= scaled_object["spec"]["maxReplicaCount"]
+        for trigger in scaled_object["spec"]["triggers"]:
+            if trigger["type"] != "prometheus":
+                continue
+            query = trigger["metadata"]["query"]
+            used = set(re.findall(r"\bgateway_[a-z_]+", query))
+            assert used and used <= exported, f"{used - exported} are not exported by gateway/metrics.py"
+            assert 'namespace="serving"' in query
+            assert float(trigger["metadata"]["threshold"]) > 0
+
+
+def test_awq_profile_scales_to_zero_and_wakes_on_arrivals(tmp_path: Path) -> None:
+    objects = render(tmp_path, profile_values("awq"))
+    pool = next(o for o in by_kind(objects, "ScaledObject") if "vllm" in o["metadata"]["name"])
+    assert pool["spec"]["idleReplicaCount"] == 0
+    assert "gateway_requests_total" in pool["spec"]["triggers"][-1]["metadata"]["query"]
+    args = pod_spec(next(d for d in by_kind(objects, "Deployment") if "vllm" in d["metadata"]["name"]))["containers"][
+        0
+    ]["args"]
+    assert "--quantization=awq" in args
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"vllm": {"pools": [{"name": "p", "quantization": "int3"}]}}, "quantization"),
+        ({"gateway": {"config": {"api_keys": ["sk-plain-text"]}}}, "api_keys"),
+        ({"gateway": {"apiKeys": {"existingSecret": "s", "key": "k", "value": "sk-plain"}}}, "value"),
+        ({"gateway": {"port": 70000}}, "port"),
+        ({"keda": {"enabled": False}}, "autoscaling needs keda.enabled"),
+    ],
+)
+def test_bad_values_fail_at_install(tmp_path: Path, values: dict[str, Any], complaint: str) -> None:
+    from helm_sdkpy.exceptions import InstallError
+
+    with pytest.raises(InstallError) as caught:
+        render(tmp_path, values)
+    assert complaint in str(caught.value)
