@@ -237,3 +237,17 @@ def test_bad_values_fail_at_install(tmp_path: Path, values: dict[str, Any], comp
     with pytest.raises(InstallError) as caught:
         render(tmp_path, values)
     assert complaint in str(caught.value)
+
+
+def test_service_monitors_select_services_and_ports_that_exist(tmp_path: Path) -> None:
+    objects = render(tmp_path, {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}})
+    monitors = by_kind(objects, "ServiceMonitor")
+    assert {m["metadata"]["name"].rsplit("-", 1)[1] for m in monitors} == {"gateway", "vllm", "retrieval"}
+    services = by_kind(objects, "Service")
+    for monitor in monitors:
+        assert monitor["metadata"]["labels"]["release"] == "prometheus"
+        wanted = monitor["spec"]["selector"]["matchLabels"]
+        selected = [s for s in services if wanted.items() <= s["metadata"]["labels"].items()]
+        assert selected, monitor["metadata"]["name"]
+        port = monitor["spec"]["endpoints"][0]["port"]
+        assert all(port in {p["name"] for p in s["spec"]["ports"]} for s in selected)
