@@ -57,6 +57,7 @@ class SearchService:
         self.collections: dict[str, Collection] = {}
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="index-writer")
         self._snapshotting: set[str] = set()
+        self._creating: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -108,22 +109,28 @@ class SearchService:
         return collection
 
     async def create(self, request: CreateCollection) -> dict[str, Any]:
-        if request.name in self.collections:
+        # The name is claimed before the first await: two concurrent creates of one name must not both reach the
+        # directory (the second would remove the first one's files as crash leftovers).
+        if request.name in self.collections or request.name in self._creating:
             raise Conflict(f"The collection '{request.name}' already exists.", param="name")
-        if len(self.collections) >= self.settings.max_collections:
+        if len(self.collections) + len(self._creating) >= self.settings.max_collections:
             raise InvalidRequest(f"At most {self.settings.max_collections} collections.")
-        encoder_id, dim = None, request.dimensions
-        if dim is None:
-            encoder = await self._encoder()
-            encoder_id, dim = encoder.model_id, encoder.dim
-        meta = CollectionMeta(request.name, dim, encoder_id, request.index, int(time.time()))
-        directory = self.settings.index_dir / request.name
-        if directory.exists():  # leftovers of a deletion interrupted by a crash
-            shutil.rmtree(directory)
-        collection = await asyncio.get_running_loop().run_in_executor(
-            self._writer, Collection.create, directory, meta, self._writer
-        )
-        self.collections[request.name] = collection
+        self._creating.add(request.name)
+        try:
+            encoder_id, dim = None, request.dimensions
+            if dim is None:
+                encoder = await self._encoder()
+                encoder_id, dim = encoder.model_id, encoder.dim
+            meta = CollectionMeta(request.name, dim, encoder_id, request.index, int(time.time()))
+            directory = self.settings.index_dir / request.name
+            if directory.exists():  # leftovers of a deletion interrupted by a crash
+                shutil.rmtree(directory)
+            collection = await asyncio.get_running_loop().run_in_executor(
+                self._writer, Collection.create, directory, meta, self._writer
+            )
+            self.collections[request.name] = collection
+        finally:
+            self._creating.discard(request.name)
         return collection.describe()
 
     async def delete_collection(self, name: str) -> None:

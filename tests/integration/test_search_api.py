@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,3 +205,11 @@ def test_index_add_ingests_a_folder_with_captions_and_resumes(
     ).json()["data"][0]
     assert caption["id"] == "img0.png#caption"
     assert reader.get("/v1/collections/media/items/img0.png").json()["metadata"]["caption"] == "a green field"
+
+
+async def test_concurrent_creates_of_one_name_give_one_201_and_409s(gateway: RunningGateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30, headers=_auth(ADMIN)) as client:
+        replies = await asyncio.gather(*[client.post("/v1/collections", json={"name": "raced"}) for _ in range(8)])
+        assert sorted(r.status_code for r in replies) == [201] + [409] * 7
+        added = await client.post("/v1/collections/raced/items", json={"items": [{"id": "a", "text": "a cat"}]})
+        assert added.status_code == 200, added.text
