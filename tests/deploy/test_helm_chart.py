@@ -121,6 +121,7 @@ def test_vllm_pods_get_gpus_shared_memory_and_a_long_startup_probe(rendered: lis
         if gpus:
             assert any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", []))
         assert quantization in (None, "awq", "gptq")
+        assert not any("trust-remote-code" in a for a in args), "no remote code by default (CASES E6)"
 
 
 def test_secrets_are_only_referenced(rendered: list[dict[str, Any]]) -> None:
@@ -153,6 +154,8 @@ def test_only_the_gateway_reaches_vllm_and_retrieval(rendered: list[dict[str, An
         assert pod_peers == [{**pod_peers[0], "app.kubernetes.io/component": "gateway"}], component
         assert all("podSelector" in p or "namespaceSelector" in p for p in peers)
         assert not any(p.get("namespaceSelector") == {} for p in peers), "an empty selector would admit everyone"
+        if component == "vllm":
+            assert peers == [{"podSelector": {"matchLabels": pod_peers[0]}}], "only the gateway reaches vLLM (E5)"
 
 
 def test_config_map_is_a_config_the_gateway_accepts(rendered: list[dict[str, Any]]) -> None:
@@ -244,6 +247,11 @@ def test_service_monitors_select_services_and_ports_that_exist(tmp_path: Path) -
     monitors = by_kind(objects, "ServiceMonitor")
     assert {m["metadata"]["name"].rsplit("-", 1)[1] for m in monitors} == {"gateway", "vllm", "retrieval"}
     services = by_kind(objects, "Service")
+    vllm_policy = next(p for p in by_kind(objects, "NetworkPolicy") if p["metadata"]["name"].endswith("-vllm"))
+    scrape_rule = vllm_policy["spec"]["ingress"][1]
+    assert scrape_rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
     for monitor in monitors:
         assert monitor["metadata"]["labels"]["release"] == "prometheus"
         wanted = monitor["spec"]["selector"]["matchLabels"]
