@@ -11,7 +11,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.e2e.conftest import API_KEY, MODEL, Replica
+from tests.e2e.conftest import API_KEY, MODEL, Replica, wait_for
 from tests.support import RunningGateway
 
 
@@ -83,7 +83,8 @@ def test_streaming_with_usage(gateway: RunningGateway) -> None:
     assert chunks[-1].choices == []
     assert any(c.choices and c.choices[0].finish_reason == "length" for c in chunks)
     assert gateway.metric("gateway_time_to_first_token_seconds_count", {"model": MODEL}) == 1
-    assert gateway.metric("gateway_completion_tokens_total", {"model": MODEL}) == 12
+    # Counted once the relay returns, which can be just after the client has read [DONE].
+    assert wait_for(lambda: gateway.metric("gateway_completion_tokens_total", {"model": MODEL}) == 12, timeout=5)
     assert gateway.metric("gateway_inter_token_latency_seconds_count", {"model": MODEL}) >= 1
 
 

@@ -27,14 +27,18 @@ def _serving_replica(gateway: RunningGateway, replicas: list[Replica]) -> Replic
     """The replica holding this test's one request, from the gateway's own per-replica gauge (exact and
     immediate; vLLM's num_requests_running is refreshed only as its engine steps, so it can be stale)."""
     serving: list[Replica] = []
+    seen: list[list[float]] = []
 
     def exactly_one() -> bool:
         text = gateway.metrics()
         counts = [metric_value(text, "gateway_replica_outstanding_requests", {"replica": r.url}) for r in replicas]
+        seen.append(counts)
         serving[:] = [r for r, count in zip(replicas, counts, strict=True) if count == 1]
         return sorted(counts) == [0] * (len(replicas) - 1) + [1]
 
-    assert wait_for(exactly_one, timeout=10)
+    assert wait_for(exactly_one, timeout=10), (
+        f"outstanding per replica, polled: {seen[:3]}...{seen[-2:]}; " + (gateway.log()[-3000:])
+    )
     return serving[0]
 
 
@@ -57,7 +61,7 @@ def test_client_disconnect_aborts_the_generation_upstream(
 def test_frozen_replica_mid_stream_hits_the_idle_timeout(
     tmp_path: Path, log_dir: Path, live_replicas: list[Replica]
 ) -> None:
-    args = gateway_args(tmp_path, live_replicas, timeouts={"first_token": 30, "idle": 2})
+    args = gateway_args(tmp_path, live_replicas, timeouts={"first_token": 30, "idle": 5})
     with run_gateway(args, log_dir) as gateway:
         stream = client(gateway).chat.completions.create(**LONG_STREAM)  # type: ignore[call-overload]
         iterator = iter(stream)
