@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from gateway.admission import Admission, memory_limit_bytes
 from gateway.asgi import error_headers
@@ -22,6 +23,7 @@ from gateway.auth import KeyChecker
 from gateway.config import Settings
 from gateway.embeddings.service import EmbeddingsService
 from gateway.errors import GatewayError, InvalidRequest, error_body, error_for_status
+from gateway.hotpath import HotPathDispatch
 from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
 from gateway.metrics_server import MetricsServer
@@ -119,6 +121,7 @@ def _openapi_with_raw_routes(app: FastAPI) -> dict[str, Any]:
 
 
 def create_app(settings: Settings) -> FastAPI:
+    """The FastAPI app; `serve` runs it behind `hot_path` (below), which short-cuts the generation routes."""
     keys = KeyChecker(settings)
 
     @asynccontextmanager
@@ -180,4 +183,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(Exception, _on_unexpected)
     app.add_middleware(GatewayMiddleware, max_body_bytes=settings.max_body_bytes, keys=keys)
     app.openapi = lambda: _openapi_with_raw_routes(app)  # type: ignore[method-assign]
+    app.state.keys = keys
     return app
+
+
+def hot_path(app: FastAPI, settings: Settings) -> HotPathDispatch:
+    endpoints = {route.path: route.endpoint for route in completions.routes if isinstance(route, Route)}
+    return HotPathDispatch(app, endpoints, max_body_bytes=settings.max_body_bytes, keys=app.state.keys)

@@ -87,16 +87,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def serve(settings: Settings) -> None:
     import uvicorn
 
-    from gateway.app import create_app
+    from gateway.app import create_app, hot_path
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     uvicorn.run(
-        create_app(settings),
+        hot_path(create_app(settings), settings),
         host=settings.host,
         port=settings.port,
         loop="uvloop",
         http="httptools",
         access_log=False,  # a per-request log line costs more than the rest of the proxy path
+        proxy_headers=False,  # nothing here reads the client address; rewriting it cost ~1% per request
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.drain_timeout) or None,
     )

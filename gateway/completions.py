@@ -51,7 +51,7 @@ class CompletionsEndpoint:
             metrics.requests.labels(self.route, model_label, str(error.status)).inc()
             await send_error(send, error)
             return
-        in_flight = metrics.in_flight.labels(self.route, model_label)
+        in_flight = metrics.of(metrics.in_flight, self.route, model_label)
         in_flight.inc()
         state = scope["state"]
         try:
@@ -86,17 +86,17 @@ class CompletionsEndpoint:
                 replicas.record_success(opened.replica)
             status = outcome.status
             if outcome.prompt_tokens:
-                metrics.prompt_tokens.labels(model_label).inc(outcome.prompt_tokens)
+                metrics.of(metrics.prompt_tokens, model_label).inc(outcome.prompt_tokens)
             if outcome.completion_tokens:
-                metrics.completion_tokens.labels(model_label).inc(outcome.completion_tokens)
+                metrics.of(metrics.completion_tokens, model_label).inc(outcome.completion_tokens)
         except GatewayError as error:  # gate refusal, media, token budget or upstream, all before the first byte
             status = error.status
             metrics.rejections.labels(self.route, error.code or error.type).inc()
             await send_error(send, error)
         finally:
             in_flight.dec()
-            metrics.requests.labels(self.route, model_label, str(status)).inc()
-            metrics.request_duration.labels(self.route, model_label).observe(time.perf_counter() - started)
+            metrics.of(metrics.requests, self.route, model_label, str(status)).inc()
+            metrics.of(metrics.request_duration, self.route, model_label).observe(time.perf_counter() - started)
 
 
 def reserialise(data: dict[str, Any]) -> bytes:

@@ -5,8 +5,8 @@ Pure ASGI (no BaseHTTPMiddleware) so a stream passes through untouched apart fro
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 
 from gateway.asgi import ASGIApp, Message, Receive, Send, send_error
 from gateway.auth import ANONYMOUS, KeyChecker
@@ -39,7 +39,7 @@ class GatewayMiddleware:
             elif name == b"authorization":
                 authorization = value
         if request_id is None or not REQUEST_ID_SAFE.match(request_id):
-            request_id = uuid.uuid4().hex.encode()
+            request_id = os.urandom(16).hex().encode()  # as random as uuid4, at a fraction of its cost
         state = scope.setdefault("state", {})
         state["request_id"] = request_id.decode()
         id_header = (b"x-request-id", request_id)

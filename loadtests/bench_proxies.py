@@ -83,8 +83,9 @@ def _popen(argv: list[str], log: Path, **kwargs: object) -> subprocess.Popen[byt
 def start_gateway(work: Path) -> subprocess.Popen[bytes]:
     argv = pinned(PROXY_CORE, sys.executable, "-m", "gateway.cli", "serve")
     argv += ["--upstream", f"http://127.0.0.1:{MOCK_PORT}", "--model", "mock", "--port", str(PORTS["gateway"])]
-    argv += ["--log-level", "warning", "--role", "proxy"]
-    return _popen(argv, work / "gateway.log")
+    argv += ["--log-level", "warning", "--api-key", "sk-bench"]  # keys checked, as LiteLLM checks its master key
+    env = {**os.environ, "GATEWAY_EMBEDDINGS__ENABLED": "false"}  # chat only: no CLIP encoder in the process
+    return _popen(argv, work / "gateway.log", env=env)
 
 
 def start_nginx(work: Path) -> subprocess.Popen[bytes]:
@@ -130,7 +131,7 @@ def start_litellm(work: Path) -> subprocess.Popen[bytes]:
     )
     argv = pinned(PROXY_CORE, BENCH_VENV / "bin" / "litellm", "--config", config, "--port", str(PORTS["litellm"]))
     argv += ["--host", "127.0.0.1", "--num_workers", "1"]
-    env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
+    env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "LITELLM_MASTER_KEY": "sk-bench"}
     return _popen(argv, work / "litellm.log", env=env)
 
 
@@ -143,9 +144,11 @@ ARMS = {
 }
 
 
-def wait_until_serving(url: str, timeout: float = 120.0) -> None:
+def wait_until_serving(url: str, process: subprocess.Popen[bytes] | None, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{url}: the process exited with {process.returncode} (see its log)")
         try:
             response = httpx.post(
                 f"{url}/v1/chat/completions", json=CHAT, timeout=5, headers={"Authorization": "Bearer sk-bench"}
@@ -192,7 +195,9 @@ def _seconds(text: str) -> float:
 
 def run_wrk(url: str, connections: int, duration: float, script: Path) -> tuple[float, float, float, int]:
     """p50 and p99 latency (s), req/s and completed requests, from wrk on the load core."""
-    argv = pinned(LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", script)
+    argv = pinned(
+        LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", "-s", script
+    )
     out = subprocess.run([*argv, f"{url}/v1/chat/completions"], capture_output=True, text=True, check=True).stdout
     p50 = _seconds(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     p99 = _seconds(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
@@ -204,11 +209,11 @@ def run_wrk(url: str, connections: int, duration: float, script: Path) -> tuple[
     return p50, p99, rps, done
 
 
-def stream_client(url: str, count: int, pace_ms: int) -> list[tuple[float, float]]:
+def stream_client(url: str, count: int, paced: bool) -> list[tuple[float, float]]:
     """Runs in its own process on the load core: (time to first byte, time to the end) of sequential streams."""
     import aiohttp
 
-    body = json.dumps({**CHAT, "stream": True, **({"user": f"pace-{pace_ms}ms", "max_tokens": 64} if pace_ms else {})})
+    body = json.dumps({**CHAT, "stream": True, **({"max_tokens": 64} if paced else {})})  # the mock paces 64
     headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-bench"}
 
     async def go() -> list[tuple[float, float]]:
@@ -229,9 +234,9 @@ def stream_client(url: str, count: int, pace_ms: int) -> list[tuple[float, float
     return asyncio.run(go())
 
 
-def measure_streams(url: str, count: int, pace_ms: int = 0) -> list[tuple[float, float]]:
+def measure_streams(url: str, count: int, paced: bool = False) -> list[tuple[float, float]]:
     code = f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from loadtests.bench_proxies import stream_client; "
-    code += f"print(json.dumps(stream_client({url!r}, {count}, {pace_ms})))"
+    code += f"print(json.dumps(stream_client({url!r}, {count}, {paced})))"
     out = subprocess.run(pinned(LOAD_CORE, sys.executable, "-c", code), capture_output=True, text=True, check=True)
     return [tuple(t) for t in json.loads(out.stdout)]  # type: ignore[misc]
 
@@ -246,7 +251,7 @@ def bench_round(arms: list[Arm], duration: float, script: Path, mock_pid: int) -
         result.cpu_us[arm.name] = (process_tree_cpu(pid) - cpu_before) / done * 1e6
         result.p50[arm.name], result.p99[arm.name], result.rps[arm.name] = p50, p99, rps
         result.ttfb[arm.name] = statistics.median(t for t, _ in measure_streams(arm.url, 300))
-        result.paced[arm.name] = statistics.median(total for _, total in measure_streams(arm.url, 8, pace_ms=5))
+        result.paced[arm.name] = statistics.median(total for _, total in measure_streams(arm.url, 8, paced=True))
     return result
 
 
@@ -323,7 +328,7 @@ def main() -> None:
     try:
         for arm in arms:
             arm.process = arm.start(work)
-            wait_until_serving(arm.url)
+            wait_until_serving(arm.url, arm.process)
         print(f"machine: {os.cpu_count()} cores; proxies on core {PROXY_CORE}, load + mock on core {LOAD_CORE}")
         rounds = []
         for number in range(args.rounds):

@@ -3,7 +3,8 @@
 Answers `POST /v1/chat/completions` and `/v1/completions` (JSON, or SSE when the body asks for `"stream": true`),
 `GET /health` and `GET /v1/models`, over HTTP/1.1 keep-alive, from a bare asyncio protocol on uvloop: canned
 bytes, no framework, ~10 µs of work per request. `--tokens` chunks per stream, `--token-delay` seconds between
-them (0: the whole stream in one write); a request whose `user` is "pace-5ms" gets 5 ms between tokens.
+them (0: the whole stream in one write); a stream asking `max_tokens` = `--paced-max-tokens` (64) gets
+`--pace-ms` (5) between its tokens instead, whatever proxy it came through.
 
     python loadtests/mock_upstream.py --port 9000 [--tokens 16] [--token-delay 0.0]
 """
@@ -19,7 +20,7 @@ from typing import cast
 import orjson
 
 MODEL = "mock"
-PACE = re.compile(rb'"user":\s*"pace-(\d+)ms"')
+MAX_TOKENS = re.compile(rb'"max_tokens":\s*(\d+)')
 
 
 def _chunk(i: int) -> bytes:
@@ -64,9 +65,11 @@ STREAM_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-
 
 
 class MockProtocol(asyncio.Protocol):
-    def __init__(self, tokens: int, token_delay: float) -> None:
+    def __init__(self, tokens: int, token_delay: float, paced_max_tokens: int = 0, pace_ms: float = 0) -> None:
         self.tokens = tokens
         self.token_delay = token_delay
+        self.paced_max_tokens = paced_max_tokens
+        self.pace_ms = pace_ms
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
         self.whole_stream = (
@@ -108,20 +111,22 @@ class MockProtocol(asyncio.Protocol):
             return
         if b'"stream":true' in body.replace(b" ", b""):
             delay = self.token_delay
-            paced = PACE.search(body)  # `"user": "pace-5ms"` asks for 5 ms between tokens (every proxy keeps `user`)
-            if paced:
-                delay = int(paced.group(1)) / 1000
+            asked = MAX_TOKENS.search(body)  # every proxy forwards max_tokens, so it carries the pacing request
+            if self.paced_max_tokens and asked and int(asked.group(1)) == self.paced_max_tokens:
+                delay = self.pace_ms / 1000
             if delay <= 0:
                 self.transport.write(self.whole_stream)
             else:
-                asyncio.get_running_loop().create_task(self._paced_stream(delay))
+                asyncio.get_running_loop().create_task(
+                    self._paced_stream(delay, int(asked.group(1)) if asked else self.tokens)
+                )
             return
         self.transport.write(_response(COMPLETION))
 
-    async def _paced_stream(self, delay: float) -> None:
+    async def _paced_stream(self, delay: float, tokens: int) -> None:
         assert self.transport is not None
         self.transport.write(STREAM_HEAD)
-        for i in range(self.tokens):
+        for i in range(tokens):
             if self.transport.is_closing():
                 return
             self.transport.write(_http_chunk(_chunk(i)))
@@ -129,9 +134,11 @@ class MockProtocol(asyncio.Protocol):
         self.transport.write(_http_chunk(USAGE + b"data: [DONE]\n\n") + b"0\r\n\r\n")
 
 
-async def serve(host: str, port: int, tokens: int, token_delay: float) -> None:
+async def serve(host: str, port: int, tokens: int, token_delay: float, paced_max_tokens: int, pace_ms: float) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: MockProtocol(tokens, token_delay), host, port, backlog=4096)
+    server = await loop.create_server(
+        lambda: MockProtocol(tokens, token_delay, paced_max_tokens, pace_ms), host, port, backlog=4096
+    )
     print(f"mock upstream on http://{host}:{port} ({tokens} tokens, {token_delay}s apart)", flush=True)
     async with server:
         await server.serve_forever()
@@ -143,6 +150,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--token-delay", type=float, default=0.0)
+    parser.add_argument("--paced-max-tokens", type=int, default=64, help="streams asking this max_tokens are paced")
+    parser.add_argument("--pace-ms", type=float, default=5.0, help="gap between their tokens")
     args = parser.parse_args()
     try:
         import uvloop
@@ -152,7 +161,7 @@ def main() -> None:
         pass
     started = time.perf_counter()
     try:
-        asyncio.run(serve(args.host, args.port, args.tokens, args.token_delay))
+        asyncio.run(serve(args.host, args.port, args.tokens, args.token_delay, args.paced_max_tokens, args.pace_ms))
     except KeyboardInterrupt:
         print(f"mock upstream stopped after {time.perf_counter() - started:.0f} s")
 

@@ -53,14 +53,13 @@ async def one_stream(session: aiohttp.ClientSession, body: bytes, tokens: int) -
     return complete, time.perf_counter() - started, longest_gap, "" if complete else f"incomplete ({chunks} events)"
 
 
-async def drive(streams: int, tokens: int, pace_ms: int) -> list[tuple[bool, float, float, str]]:
+async def drive(streams: int, tokens: int) -> list[tuple[bool, float, float, str]]:
     body = json.dumps(
         {
             "model": "mock",
             "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": tokens,
             "stream": True,
-            "user": f"pace-{pace_ms}ms",
         }
     ).encode()
     connector = aiohttp.TCPConnector(limit=0)
@@ -85,15 +84,20 @@ def main() -> None:
             str(MOCK_PORT),
             "--tokens",
             str(args.tokens),
+            "--paced-max-tokens",
+            str(args.tokens),
+            "--pace-ms",
+            str(args.pace_ms),
         ],
         stdout=(work / "mock.log").open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     gateway_argv = [sys.executable, "-m", "gateway.cli", "serve", "--upstream", f"http://127.0.0.1:{MOCK_PORT}"]
-    gateway_argv += ["--model", "mock", "--port", str(GATEWAY_PORT), "--role", "proxy", "--log-level", "warning"]
+    gateway_argv += ["--model", "mock", "--port", str(GATEWAY_PORT), "--log-level", "warning"]
     gateway = subprocess.Popen(
         gateway_argv,
+        env={**os.environ, "GATEWAY_EMBEDDINGS__ENABLED": "false"},
         stdout=(work / "gateway.log").open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -117,7 +121,7 @@ def main() -> None:
         async def run() -> list[tuple[bool, float, float, str]]:
             sampler = asyncio.create_task(sample_rss())
             try:
-                return await drive(args.streams, args.tokens, args.pace_ms)
+                return await drive(args.streams, args.tokens)
             finally:
                 sampler.cancel()
 

@@ -110,8 +110,8 @@ async def _relay_stream(
     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
     first = opened.first_chunk
     now = time.perf_counter()
-    metrics.time_to_first_token.labels(model).observe(now - started)
-    itl = metrics.inter_token_latency.labels(model)
+    metrics.of(metrics.time_to_first_token, model).observe(now - started)
+    itl = metrics.of(metrics.inter_token_latency, model)
     previous, last = b"", first
     if first:
         await send({"type": "http.response.body", "body": first, "more_body": True})

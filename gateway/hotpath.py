@@ -1,0 +1,61 @@
+"""The generation routes' short way in: straight from the server to the gateway middleware and the raw endpoint.
+
+FastAPI still owns every other route, the OpenAPI schema and the lifespan. For `POST /v1/chat/completions` and
+`POST /v1/completions` its layers (error and telemetry middleware, body-limit wrapper, router matching, exception
+wrappers, exit stack) were about a third of the gateway's CPU per request in a py-spy profile, and none of them
+does anything on this path: the middleware and the endpoint write their own OpenAI-shaped errors.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from gateway.asgi import ASGIApp, Message, Receive, Send, send_error
+from gateway.auth import KeyChecker
+from gateway.errors import GatewayError
+from gateway.middleware import GatewayMiddleware
+
+log = logging.getLogger("gateway")
+
+
+class _Guarded:
+    """A raw endpoint that answers 500 in OpenAI's shape if it fails before its response started."""
+
+    def __init__(self, endpoint: ASGIApp) -> None:
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self.endpoint(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unhandled error")
+            if not started:
+                await send_error(send, GatewayError())
+
+
+class HotPathDispatch:
+    def __init__(self, app: FastAPI, endpoints: dict[str, ASGIApp], *, max_body_bytes: int, keys: KeyChecker) -> None:
+        self.app = app
+        self.state = app.state  # what the server and tools may look up on "the app"
+        self.routes = {
+            path: GatewayMiddleware(_Guarded(endpoint), max_body_bytes=max_body_bytes, keys=keys)
+            for path, endpoint in endpoints.items()
+        }
+
+    async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            route = self.routes.get(scope["path"])
+            if route is not None:
+                scope["app"] = self.app  # as Starlette sets it: the endpoint finds the gateway's state there
+                await route(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -1,0 +1,84 @@
+"""The generation routes' short way in answers like FastAPI did: OpenAI-shaped 500s, other routes untouched."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import orjson
+from fastapi import FastAPI
+
+from gateway.asgi import Message, Receive, Send
+from gateway.auth import KeyChecker
+from gateway.config import Settings
+from gateway.hotpath import HotPathDispatch
+
+
+async def _call(app: Any, path: str, method: str = "POST") -> list[Message]:
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "headers": [], "state": {}}
+    await app(scope, receive, send)
+    return sent
+
+
+class _OpenDoor:
+    """Admission and per-key limits that admit everything, so only the dispatch is under test."""
+
+    def check(self) -> None:
+        pass
+
+    def admit(self, key_id: str) -> list[tuple[bytes, bytes]]:
+        return []
+
+    def leave(self, key_id: str) -> None:
+        pass
+
+
+def _dispatch(endpoint: Any, fallback: FastAPI | None = None) -> HotPathDispatch:
+    settings = Settings()
+    app = fallback or FastAPI()
+    app.state.gateway = SimpleNamespace(admission=_OpenDoor(), limiter=_OpenDoor())
+    return HotPathDispatch(app, {"/v1/chat/completions": endpoint}, max_body_bytes=1024, keys=KeyChecker(settings))
+
+
+async def test_an_endpoint_failing_before_its_response_gives_an_openai_500() -> None:
+    async def broken(scope: Message, receive: Receive, send: Send) -> None:
+        raise RuntimeError("bug")
+
+    sent = await _call(_dispatch(broken), "/v1/chat/completions")
+    assert sent[0]["status"] == 500
+    assert orjson.loads(sent[1]["body"])["error"]["type"] == "internal_error"
+    assert (b"x-request-id", sent[0]["headers"][-1][1]) in sent[0]["headers"]
+
+
+async def test_a_failure_after_the_response_started_sends_nothing_more() -> None:
+    async def half(scope: Message, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("bug")
+
+    sent = await _call(_dispatch(half), "/v1/chat/completions")
+    assert [m["type"] for m in sent] == ["http.response.start"]
+
+
+async def test_other_routes_and_methods_go_to_fastapi() -> None:
+    calls: list[str] = []
+
+    async def endpoint(scope: Message, receive: Receive, send: Send) -> None:
+        calls.append("hot")
+
+    class Recorder(FastAPI):
+        async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:  # type: ignore[override]
+            calls.append(f"{scope['method']} {scope['path']}")
+
+    dispatch = _dispatch(endpoint, Recorder())
+    await _call(dispatch, "/v1/models", "GET")
+    await _call(dispatch, "/v1/chat/completions", "GET")
+    await _call(dispatch, "/v1/chat/completions")
+    assert calls == ["GET /v1/models", "GET /v1/chat/completions", "hot"]
