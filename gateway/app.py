@@ -76,6 +76,22 @@ async def _watch_keys_file(keys: KeyChecker, limiter: KeyLimiter) -> None:
             limiter.update_keys(keys.rate_limits)
 
 
+def _key_limiter(settings: Settings, keys: KeyChecker, metrics: GatewayMetrics) -> KeyLimiter:
+    if settings.rate_limits_redis_url is None:
+        return KeyLimiter(settings.rate_limits, keys.rate_limits)
+    from gateway.shared_limits import SharedKeyLimiter
+
+    # An in-flight slot outlives no request: the longest a request may take, plus a margin.
+    longest = max((pool.timeouts.total for pool in settings.models), default=900.0)
+    return SharedKeyLimiter(
+        settings.rate_limits,
+        keys.rate_limits,
+        settings.rate_limits_redis_url,
+        metrics,
+        in_flight_ttl=int(longest) + 60,
+    )
+
+
 def _drain_on_sigterm(admission: Admission, delay: float) -> None:
     """On SIGTERM, fail readiness and refuse new work at once; after `delay`, hand the signal to the server,
     which stops listening and lets in-flight requests finish (uvicorn's graceful-shutdown timeout)."""
@@ -136,7 +152,7 @@ def create_app(settings: Settings) -> FastAPI:
         searcher = SearchService(settings.search, embedder, metrics)
         limit = settings.memory_limit_bytes or memory_limit_bytes()
         admission = Admission(int(limit * settings.memory_shed_fraction) if limit else None)
-        limiter = KeyLimiter(settings.rate_limits, keys.rate_limits)
+        limiter = _key_limiter(settings, keys, metrics)
         app.state.gateway = GatewayState(
             settings, metrics, pools, upstream, media, embedder, searcher, admission, limiter
         )
@@ -163,6 +179,7 @@ def create_app(settings: Settings) -> FastAPI:
             await pools.stop()
             await searcher.stop()
             await embedder.close()
+            await limiter.close()
             await media.close()
             await session.close()
 

@@ -60,7 +60,7 @@ class CompletionsEndpoint:
                 if parts:
                     visual_tokens = await gateway.media.prepare(data, parts, replicas.pool)
                     body = reserialise(data)
-                state["response_headers"] += gateway.limiter.charge_tokens(
+                state["response_headers"] += await gateway.limiter.charge_tokens(
                     state["identity"].key_id, estimated_tokens(request, visual_tokens)
                 )
                 opened = await gateway.upstream.open(replicas, self.route, body, state["request_id"])

@@ -198,6 +198,8 @@ class Settings(BaseSettings):
     keys_file: Path | None = None
 
     rate_limits: RateLimits = Field(default_factory=RateLimits)
+    # Shared budgets across gateway replicas (redis:// or rediss://); unset: each replica keeps its own.
+    rate_limits_redis_url: str | None = Field(None, pattern=r"^rediss?://")
     # Shed new work with 503 once resident memory reaches this fraction of the cgroup limit (or of
     # memory_limit_bytes when set); the process never reaches the OOM killer through admitted work.
     memory_shed_fraction: float = Field(0.9, gt=0, le=1)

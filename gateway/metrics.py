@@ -96,6 +96,11 @@ class GatewayMetrics:
             ["model", "replica"],
             registry=r,
         )
+        self.ratelimit_backend_errors = Counter(
+            "gateway_ratelimit_backend_errors",
+            "Shared rate-limit checks that fell back to this replica's own budgets (Redis unreachable).",
+            registry=r,
+        )
         # Saturation per pool, summed over gateway pods by the autoscaler (helm/: KEDA triggers for vLLM).
         self.pool_queued = Gauge(
             "gateway_pool_queued_requests",

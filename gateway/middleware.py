@@ -70,7 +70,7 @@ class GatewayMiddleware:
         gateway = scope["app"].state.gateway
         try:
             gateway.admission.check()
-            extra_headers += gateway.limiter.admit(identity.key_id)
+            extra_headers += await gateway.limiter.admit(identity.key_id)
         except GatewayError as error:
             await send_error(send_with_id, error)
             return
@@ -89,4 +89,4 @@ class GatewayMiddleware:
         try:
             await self.app(scope, capped_receive, send_with_id)
         finally:
-            gateway.limiter.leave(identity.key_id)
+            await gateway.limiter.leave(identity.key_id)

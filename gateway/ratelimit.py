@@ -2,7 +2,8 @@
 
 Token buckets refill continuously, so a key that used its minute's budget gets requests back gradually rather
 than all at once at the top of the minute. Answers carry OpenAI's `x-ratelimit-*` headers. State is in this
-process (keys are a closed set, so it is bounded); replicas each enforce their share.
+process (keys are a closed set, so it is bounded); with `rate_limits_redis_url` set, gateway/shared_limits.py
+keeps the same budgets in Redis so every gateway replica draws on one budget per key.
 """
 
 from __future__ import annotations
@@ -40,6 +41,34 @@ def _reset(seconds: float) -> str:
     return f"{max(seconds, 0.001):.3f}s"
 
 
+def budget_headers(
+    kind: str, per_minute: int, granted: bool, remaining: float, wait: float
+) -> list[tuple[bytes, bytes]]:
+    """OpenAI's `x-ratelimit-*` headers for one budget; raises the 429 when the budget refused."""
+    headers = [
+        (f"x-ratelimit-limit-{kind}".encode(), str(per_minute).encode()),
+        (f"x-ratelimit-remaining-{kind}".encode(), str(int(remaining)).encode()),
+        (
+            f"x-ratelimit-reset-{kind}".encode(),
+            _reset(wait or (per_minute - remaining) / (per_minute / 60)).encode(),
+        ),
+    ]
+    if not granted:
+        retry = {"Retry-After": str(max(1, math.ceil(wait)))} | {k.decode(): v.decode() for k, v in headers}
+        raise RateLimited(f"This API key is over its {kind}-per-minute limit of {per_minute}.", headers=retry)
+    return headers
+
+
+def too_many_in_flight(concurrency: int) -> RateLimited:
+    return RateLimited(f"This API key already has {concurrency} requests in flight.", headers={"Retry-After": "1"})
+
+
+def over_token_budget(tokens: int, per_minute: int) -> RateLimited:
+    return RateLimited(
+        f"This request needs about {tokens} tokens, more than this key's per-minute limit of {per_minute}."
+    )
+
+
 class KeyLimiter:
     def __init__(self, defaults: RateLimits, per_key: dict[str, RateLimits]) -> None:
         self.defaults = defaults
@@ -68,39 +97,34 @@ class KeyLimiter:
     def _spend(self, key_id: str, kind: str, per_minute: int | None, amount: float) -> list[tuple[bytes, bytes]]:
         if per_minute is None:
             return []
-        granted, remaining, wait = self._bucket(key_id, kind, per_minute).take(amount)
-        headers = [
-            (f"x-ratelimit-limit-{kind}".encode(), str(per_minute).encode()),
-            (f"x-ratelimit-remaining-{kind}".encode(), str(int(remaining)).encode()),
-            (
-                f"x-ratelimit-reset-{kind}".encode(),
-                _reset(wait or (per_minute - remaining) / (per_minute / 60)).encode(),
-            ),
-        ]
-        if not granted:
-            retry = {"Retry-After": str(max(1, math.ceil(wait)))} | {k.decode(): v.decode() for k, v in headers}
-            raise RateLimited(f"This API key is over its {kind}-per-minute limit of {per_minute}.", headers=retry)
-        return headers
+        return budget_headers(kind, per_minute, *self._bucket(key_id, kind, per_minute).take(amount))
 
-    def admit(self, key_id: str) -> list[tuple[bytes, bytes]]:
+    async def admit(self, key_id: str) -> list[tuple[bytes, bytes]]:
         """A request slot (requests per minute + concurrency); call `leave` when the request ends."""
+        return self.admit_now(key_id)
+
+    def admit_now(self, key_id: str) -> list[tuple[bytes, bytes]]:
         limits = self.limits(key_id)
         if limits.concurrency is not None and self._active.get(key_id, 0) >= limits.concurrency:
-            raise RateLimited(
-                f"This API key already has {limits.concurrency} requests in flight.", headers={"Retry-After": "1"}
-            )
+            raise too_many_in_flight(limits.concurrency)
         headers = self._spend(key_id, "requests", limits.requests_per_minute, 1)
         self._active[key_id] = self._active.get(key_id, 0) + 1
         return headers
 
-    def leave(self, key_id: str) -> None:
+    async def leave(self, key_id: str) -> None:
+        self.leave_now(key_id)
+
+    def leave_now(self, key_id: str) -> None:
         self._active[key_id] -= 1
 
-    def charge_tokens(self, key_id: str, tokens: int) -> list[tuple[bytes, bytes]]:
+    async def charge_tokens(self, key_id: str, tokens: int) -> list[tuple[bytes, bytes]]:
+        return self.charge_tokens_now(key_id, tokens)
+
+    def charge_tokens_now(self, key_id: str, tokens: int) -> list[tuple[bytes, bytes]]:
         limits = self.limits(key_id)
         if limits.tokens_per_minute is not None and tokens > limits.tokens_per_minute:
-            raise RateLimited(
-                f"This request needs about {tokens} tokens, more than this key's per-minute limit "
-                f"of {limits.tokens_per_minute}."
-            )
+            raise over_token_budget(tokens, limits.tokens_per_minute)
         return self._spend(key_id, "tokens", limits.tokens_per_minute, tokens)
+
+    async def close(self) -> None:
+        pass

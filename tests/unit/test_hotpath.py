@@ -34,10 +34,10 @@ class _OpenDoor:
     def check(self) -> None:
         pass
 
-    def admit(self, key_id: str) -> list[tuple[bytes, bytes]]:
+    async def admit(self, key_id: str) -> list[tuple[bytes, bytes]]:
         return []
 
-    def leave(self, key_id: str) -> None:
+    async def leave(self, key_id: str) -> None:
         pass
 
 
