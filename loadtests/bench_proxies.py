@@ -269,7 +269,7 @@ def plot(curves: dict[str, list[float]], levels: list[int], path: Path) -> None:
     for name, latencies in curves.items():
         axes.plot(levels, [s * 1000 for s in latencies], marker="o", label=name)
     axes.set(xscale="log", yscale="log", xlabel="concurrent connections (wrk)", ylabel="p50 latency (ms)")
-    axes.set_title("Chat completion through each proxy, same mock upstream, proxy on one core")
+    axes.set_title("Chat through each proxy (one core), same mock upstream")
     axes.legend()
     axes.grid(True, which="both", alpha=0.3)
     figure.tight_layout()

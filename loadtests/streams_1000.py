@@ -34,11 +34,13 @@ def rss_and_cpu(pid: int) -> tuple[int, float]:
     return rss_kib * 1024, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def one_stream(session: aiohttp.ClientSession, body: bytes, tokens: int) -> tuple[bool, float, float, str]:
+async def one_stream(
+    session: aiohttp.ClientSession, port: int, body: bytes, tokens: int
+) -> tuple[bool, float, float, str]:
     started = time.perf_counter()
     last, longest_gap, chunks, tail = started, 0.0, 0, b""
     try:
-        async with session.post(f"http://127.0.0.1:{GATEWAY_PORT}/v1/chat/completions", data=body) as response:
+        async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=body) as response:
             if response.status != 200:
                 return False, 0.0, 0.0, f"status {response.status}"
             async for chunk in response.content.iter_any():
@@ -53,7 +55,7 @@ async def one_stream(session: aiohttp.ClientSession, body: bytes, tokens: int) -
     return complete, time.perf_counter() - started, longest_gap, "" if complete else f"incomplete ({chunks} events)"
 
 
-async def drive(streams: int, tokens: int) -> list[tuple[bool, float, float, str]]:
+async def drive(port: int, streams: int, tokens: int) -> list[tuple[bool, float, float, str]]:
     body = json.dumps(
         {
             "model": "mock",
@@ -66,7 +68,21 @@ async def drive(streams: int, tokens: int) -> list[tuple[bool, float, float, str
     timeout = aiohttp.ClientTimeout(total=120)
     headers = {"Content-Type": "application/json"}
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
-        return await asyncio.gather(*[one_stream(session, body, tokens) for _ in range(streams)])
+        return await asyncio.gather(*[one_stream(session, port, body, tokens) for _ in range(streams)])
+
+
+def summary(args: argparse.Namespace, label: str, results: list[tuple[bool, float, float, str]]) -> None:
+    ok = [r for r in results if r[0]]
+    failures = [r[3] for r in results if not r[0]]
+    ideal = args.tokens * args.pace_ms / 1000
+    print(f"{label}: {len(ok)}/{args.streams} streams complete, {len(failures)} failed {sorted(set(failures))[:5]}")
+    if ok:
+        durations = sorted(r[1] for r in ok)
+        print(
+            f"  stream time min {durations[0]:.2f} s, median {statistics.median(durations):.2f} s, "
+            f"max {durations[-1]:.2f} s (paced ideal {ideal:.2f} s); "
+            f"longest gap between chunks {max(r[2] for r in ok) * 1000:.0f} ms"
+        )
 
 
 def main() -> None:
@@ -110,6 +126,7 @@ def main() -> None:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+        summary(args, "direct to the mock", asyncio.run(drive(MOCK_PORT, args.streams, args.tokens)))
         rss_before, cpu_before = rss_and_cpu(gateway.pid)
         peak = [rss_before]
 
@@ -118,28 +135,15 @@ def main() -> None:
                 peak[0] = max(peak[0], rss_and_cpu(gateway.pid)[0])
                 await asyncio.sleep(0.1)
 
-        async def run() -> list[tuple[bool, float, float, str]]:
+        async def through_gateway() -> list[tuple[bool, float, float, str]]:
             sampler = asyncio.create_task(sample_rss())
             try:
-                return await drive(args.streams, args.tokens)
+                return await drive(GATEWAY_PORT, args.streams, args.tokens)
             finally:
                 sampler.cancel()
 
-        started = time.perf_counter()
-        results = asyncio.run(run())
-        wall = time.perf_counter() - started
+        summary(args, "through one gateway process", asyncio.run(through_gateway()))
         _, cpu_after = rss_and_cpu(gateway.pid)
-        ok = [r for r in results if r[0]]
-        failures = [r[3] for r in results if not r[0]]
-        ideal = args.tokens * args.pace_ms / 1000
-        print(f"{len(ok)}/{args.streams} streams complete, {len(failures)} failed {sorted(set(failures))[:5]}")
-        if ok:
-            durations = sorted(r[1] for r in ok)
-            print(
-                f"stream time: min {durations[0]:.2f} s, median {statistics.median(durations):.2f} s, "
-                f"max {durations[-1]:.2f} s (paced ideal {ideal:.2f} s); wall {wall:.2f} s"
-            )
-            print(f"longest gap between chunks seen by any client: {max(r[2] for r in ok) * 1000:.0f} ms")
         print(
             f"gateway RSS {rss_before / 2**20:.0f} MiB before, peak {peak[0] / 2**20:.0f} MiB; "
             f"CPU {cpu_after - cpu_before:.2f} s for {args.streams} streams"
