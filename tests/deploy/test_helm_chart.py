@@ -22,7 +22,12 @@ CHART = Path(__file__).resolve().parents[2] / "helm" / "vlm-gateway"
 PROFILES = ["default", "bf16", "awq", "cpu-dev"]
 KUBE_VERSION = "1.31.0"
 CRD_KINDS = {"ScaledObject", "ServiceMonitor"}  # not in Kubernetes' own schemas; checked field by field below
-WITH_KEYS = {"gateway": {"apiKeys": {"existingSecret": "gateway-keys", "key": "keys.yaml"}}}
+WITH_KEYS = {
+    "gateway": {
+        "apiKeys": {"existingSecret": "gateway-keys", "key": "keys.yaml"},
+        "rateLimitsRedis": {"existingSecret": "limits-redis", "key": "url"},
+    }
+}
 WITH_HF = {"vllm": {"hfToken": {"existingSecret": "hf", "key": "token"}}}
 
 
@@ -130,12 +135,15 @@ def test_secrets_are_only_referenced(rendered: list[dict[str, Any]]) -> None:
         spec = pod_spec(workload)
         for container in spec["containers"]:
             for env in container.get("env", []):
-                if re.search(r"TOKEN|KEY|SECRET|PASSWORD", env["name"]):
+                if re.search(r"TOKEN|KEY|SECRET|PASSWORD|REDIS_URL", env["name"]):
                     assert "value" not in env and env["valueFrom"]["secretKeyRef"]["name"], env
         component = workload["metadata"]["labels"]["app.kubernetes.io/component"]
         if component in ("gateway", "retrieval"):
             keys = next(v for v in spec["volumes"] if v["name"] == "keys")
             assert keys["secret"]["secretName"] == "gateway-keys"
+        if component == "gateway":
+            redis = next(e for e in spec["containers"][0]["env"] if e["name"] == "GATEWAY_RATE_LIMITS_REDIS_URL")
+            assert redis["valueFrom"]["secretKeyRef"] == {"name": "limits-redis", "key": "url"}
         if component == "vllm":
             token = next(e for e in spec["containers"][0]["env"] if e["name"] == "HF_TOKEN")
             assert token["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
@@ -229,6 +237,7 @@ def test_awq_profile_scales_to_zero_and_wakes_on_arrivals(tmp_path: Path) -> Non
     [
         ({"vllm": {"pools": [{"name": "p", "quantization": "int3"}]}}, "quantization"),
         ({"gateway": {"config": {"api_keys": ["sk-plain-text"]}}}, "api_keys"),
+        ({"gateway": {"config": {"rate_limits_redis_url": "redis://:pw@redis:6379"}}}, "rate_limits_redis_url"),
         ({"gateway": {"apiKeys": {"existingSecret": "s", "key": "k", "value": "sk-plain"}}}, "value"),
         ({"gateway": {"port": 70000}}, "port"),
         ({"keda": {"enabled": False}}, "autoscaling needs keda.enabled"),

@@ -92,3 +92,12 @@ def test_missing_config_file_exits_cleanly(tmp_path: Path, capsys: pytest.Captur
         main(["serve", "--config", str(tmp_path / "absent.yaml")])
     assert exited.value.code == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_redis_url_for_shared_limits_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chart passes it as GATEWAY_RATE_LIMITS_REDIS_URL from a Secret, never through the config file."""
+    monkeypatch.setenv("GATEWAY_RATE_LIMITS_REDIS_URL", "redis://:pw@redis:6379/0")
+    assert load_settings(None).rate_limits_redis_url == "redis://:pw@redis:6379/0"
+    monkeypatch.setenv("GATEWAY_RATE_LIMITS_REDIS_URL", "http://not-redis")
+    with pytest.raises(ValidationError):
+        load_settings(None)
