@@ -121,10 +121,14 @@ class KeyLimiter:
         return self.charge_tokens_now(key_id, tokens)
 
     def charge_tokens_now(self, key_id: str, tokens: int) -> list[tuple[bytes, bytes]]:
-        limits = self.limits(key_id)
-        if limits.tokens_per_minute is not None and tokens > limits.tokens_per_minute:
-            raise over_token_budget(tokens, limits.tokens_per_minute)
-        return self._spend(key_id, "tokens", limits.tokens_per_minute, tokens)
+        return self._spend(key_id, "tokens", self.token_budget(key_id, tokens), tokens)
+
+    def token_budget(self, key_id: str, tokens: int) -> int | None:
+        """The key's tokens per minute (None: unlimited); refuses a request bigger than a whole minute's budget."""
+        per_minute = self.limits(key_id).tokens_per_minute
+        if per_minute is not None and tokens > per_minute:
+            raise over_token_budget(tokens, per_minute)
+        return per_minute
 
     async def close(self) -> None:
         pass

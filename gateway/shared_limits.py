@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from gateway.config import RateLimits
 from gateway.metrics import GatewayMetrics
-from gateway.ratelimit import KeyLimiter, budget_headers, over_token_budget, too_many_in_flight
+from gateway.ratelimit import KeyLimiter, budget_headers, too_many_in_flight
 
 log = logging.getLogger("gateway.ratelimit")
 
@@ -52,6 +52,13 @@ return {1, tostring(level), '0'}
 """
 
 
+IN_FLIGHT = "in-flight"
+
+
+def _redis_key(key_id: str, kind: str) -> str:
+    return f"vlm-gateway:{key_id}:{kind}"
+
+
 class SharedKeyLimiter(KeyLimiter):
     def __init__(
         self,
@@ -84,7 +91,7 @@ class SharedKeyLimiter(KeyLimiter):
         self, key_id: str, kind: str, per_minute: int | None, amount: float, concurrency: int | None
     ) -> tuple[int, float, float]:
         code, remaining, wait = await self._script(
-            keys=[f"vlm-gateway:{key_id}:{kind}", f"vlm-gateway:{key_id}:in-flight"],
+            keys=[_redis_key(key_id, kind), _redis_key(key_id, IN_FLIGHT)],
             args=[
                 per_minute if per_minute is not None else -1,
                 (per_minute or 0) / 60,
@@ -122,16 +129,14 @@ class SharedKeyLimiter(KeyLimiter):
         if self.limits(key_id).concurrency is None:
             return
         try:
-            await self._redis.decr(f"vlm-gateway:{key_id}:in-flight")
+            await self._redis.decr(_redis_key(key_id, IN_FLIGHT))
         except RedisError as error:
             self._fallback(error)  # the counter's TTL frees the slot later
 
     async def charge_tokens(self, key_id: str, tokens: int) -> list[tuple[bytes, bytes]]:
-        per_minute = self.limits(key_id).tokens_per_minute
+        per_minute = self.token_budget(key_id, tokens)
         if per_minute is None:
             return []
-        if tokens > per_minute:
-            raise over_token_budget(tokens, per_minute)
         try:
             code, remaining, wait = await self._run(key_id, "tokens", per_minute, tokens, None)
         except RedisError as error:
