@@ -22,16 +22,15 @@ from pathlib import Path
 
 import aiohttp
 import httpx
+from bench_proxies import process_tree_cpu  # run as a script: loadtests/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 MOCK_PORT, GATEWAY_PORT = 9320, 9321
 
 
-def rss_and_cpu(pid: int) -> tuple[int, float]:
+def rss(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
-    rss_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return rss_kib * 1024, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 1024 * int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
 
 
 async def one_stream(
@@ -127,12 +126,12 @@ def main() -> None:
                 pass
             time.sleep(0.2)
         summary(args, "direct to the mock", asyncio.run(drive(MOCK_PORT, args.streams, args.tokens)))
-        rss_before, cpu_before = rss_and_cpu(gateway.pid)
+        rss_before, cpu_before = rss(gateway.pid), process_tree_cpu(gateway.pid)
         peak = [rss_before]
 
         async def sample_rss() -> None:
             while True:
-                peak[0] = max(peak[0], rss_and_cpu(gateway.pid)[0])
+                peak[0] = max(peak[0], rss(gateway.pid))
                 await asyncio.sleep(0.1)
 
         async def through_gateway() -> list[tuple[bool, float, float, str]]:
@@ -143,7 +142,7 @@ def main() -> None:
                 sampler.cancel()
 
         summary(args, "through one gateway process", asyncio.run(through_gateway()))
-        _, cpu_after = rss_and_cpu(gateway.pid)
+        cpu_after = process_tree_cpu(gateway.pid)
         print(
             f"gateway RSS {rss_before / 2**20:.0f} MiB before, peak {peak[0] / 2**20:.0f} MiB; "
             f"CPU {cpu_after - cpu_before:.2f} s for {args.streams} streams"
