@@ -21,7 +21,10 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument("--port", type=int)
     serve.add_argument("--metrics-port", type=int, help="serve /metrics on this port instead of the main one")
     serve.add_argument("--upstream", action="append", help="vLLM base URL; repeat for replicas of --model")
-    serve.add_argument("--model", help="served model name of the --upstream replicas")
+    serve.add_argument(
+        "--discover", help="http://NAME:PORT whose DNS addresses are --model's replicas (a headless Service)"
+    )
+    serve.add_argument("--model", help="served model name of the --upstream / --discover replicas")
     serve.add_argument("--limit-mm-per-prompt", help='as vLLM spells it, e.g. \'{"image":2,"video":1}\'')
     serve.add_argument("--max-model-len", type=int, help="the model's context length, for early rejection")
     serve.add_argument("--max-inflight", type=int, help="requests in flight on the model before 429s")
@@ -67,10 +70,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["api_keys"] = args.api_key
     if args.keys_file is not None:
         overrides["keys_file"] = args.keys_file
-    if args.upstream or args.model:
-        if not (args.upstream and args.model):
-            raise SystemExit("--upstream and --model go together")
-        pool: dict[str, Any] = {"name": args.model, "upstreams": args.upstream}
+    if args.upstream or args.discover or args.model:
+        if not ((args.upstream or args.discover) and args.model):
+            raise SystemExit("--model goes with --upstream and/or --discover")
+        pool: dict[str, Any] = {"name": args.model, "upstreams": args.upstream or [], "discover": args.discover}
         if args.limit_mm_per_prompt:
             try:
                 pool["limit_mm_per_prompt"] = json.loads(args.limit_mm_per_prompt)
@@ -175,7 +178,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"gateway: invalid configuration:\n{exc}", file=sys.stderr)
             raise SystemExit(2) from None
         if not settings.models:
-            print("gateway: no model pools configured (use --upstream/--model or a config file)", file=sys.stderr)
+            print(
+                "gateway: no model pools configured (use --upstream or --discover with --model, or a config file)",
+                file=sys.stderr,
+            )
         serve(settings)
 
 

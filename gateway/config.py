@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -91,7 +92,10 @@ class ModelPool(BaseModel):
     """One served model name and the vLLM replicas that serve it."""
 
     name: str = Field(min_length=1, max_length=256)
-    upstreams: list[str] = Field(min_length=1, max_length=64)
+    upstreams: list[str] = Field(default_factory=list, max_length=64)
+    # A name with one DNS address per replica (a headless Service), re-resolved every health-check interval:
+    # each address becomes a replica. Zero addresses is a pool scaled to zero, answered 503 + Retry-After.
+    discover: str | None = Field(None, max_length=512)
     # Mirrors `vllm serve --limit-mm-per-prompt`; checked before any media is fetched.
     limit_mm_per_prompt: dict[Modality, int] = Field(default_factory=lambda: _default_media_limits())
     max_model_len: int | None = Field(None, ge=16, le=10_000_000)
@@ -117,6 +121,23 @@ class ModelPool(BaseModel):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"upstream must be an http(s) base URL, got {url!r}")
         return [u.rstrip("/") for u in urls]
+
+    @field_validator("discover")
+    @classmethod
+    def _discover_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            # https to a bare pod address would fail certificate checks; in-cluster vLLM speaks http.
+            raise ValueError(f"discover must be an http:// URL with a host name, got {url!r}")
+        return url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _some_replicas(self) -> ModelPool:
+        if not self.upstreams and self.discover is None:
+            raise ValueError(f"model pool '{self.name}' needs upstreams, discover, or both")
+        return self
 
     @field_validator("limit_mm_per_prompt")
     @classmethod

@@ -96,6 +96,12 @@ class GatewayMetrics:
             ["model", "replica"],
             registry=r,
         )
+        self.discovery_errors = Counter(
+            "gateway_discovery_errors",
+            "Failed re-resolutions of a pool's discover name; the replicas last seen stay in use.",
+            ["model"],
+            registry=r,
+        )
         self.ratelimit_backend_errors = Counter(
             "gateway_ratelimit_backend_errors",
             "Shared rate-limit checks that fell back to this replica's own budgets (Redis unreachable).",

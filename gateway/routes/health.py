@@ -26,15 +26,22 @@ async def live() -> dict[str, str]:
 async def ready(request: Request) -> JSONResponse:
     gateway: GatewayState = request.app.state.gateway
     models = {
-        name: {"healthy_replicas": replicas.healthy_count(), "replicas": len(replicas.replicas)}
+        name: {
+            "healthy_replicas": replicas.healthy_count(),
+            "replicas": len(replicas.replicas),
+            "scaled_to_zero": replicas.scaled_to_zero,
+        }
         for name, replicas in gateway.pools.by_model.items()
     }
-    servable = [name for name, counts in models.items() if counts["healthy_replicas"] > 0]
+    servable = [name for name, counts in models.items() if counts["healthy_replicas"]]
+    # A pool scaled to zero is waiting for its autoscaler, which the 503s this pod answers help to wake:
+    # failing readiness would take the pod out of its Service and stop those requests from arriving at all.
+    waking = any(counts["scaled_to_zero"] for counts in models.values())
     embeddings = gateway.embeddings.status()
     if embeddings["state"] == "ready":
         servable.append(embeddings["model"])
     problems = gateway.search.problems()  # a corrupt index fails readiness loudly instead of serving empty
-    ready_now = not problems and (bool(servable) or (not models and embeddings["state"] == "disabled"))
+    ready_now = not problems and (bool(servable) or waking or (not models and embeddings["state"] == "disabled"))
     if gateway.admission.draining:
         ready_now, problems = False, [*problems, "draining: shutting down"]
     body = {

@@ -162,6 +162,11 @@ class UpstreamClient:
                 replicas.release(replica)
                 replica.probing = False
                 raise
+        if replicas.scaled_to_zero:
+            last_error = ServiceUnavailable(
+                f"Model '{model}' has no replica running (scaled to zero); one is starting, retry shortly.",
+                headers={"Retry-After": str(round(replicas.soonest_available_in()))},
+            )
         raise last_error or ServiceUnavailable(
             f"No healthy replica is available for model '{model}'.",
             headers={"Retry-After": str(round(replicas.soonest_available_in()))},

@@ -9,10 +9,12 @@ import time
 from dataclasses import dataclass, field
 
 import aiohttp
+from prometheus_client import Gauge
 
 from gateway.admission import Gate
 from gateway.config import ModelPool, Settings
 from gateway.metrics import GatewayMetrics
+from gateway.upstream.discovery import DiscoveryFailed, Resolver, discover, system_resolver
 
 log = logging.getLogger("gateway.pool")
 
@@ -21,6 +23,9 @@ log = logging.getLogger("gateway.pool")
 class Replica:
     model: str
     base_url: str
+    # Gauges live on the replica, so a request still open on one that left the pool can settle harmlessly.
+    healthy_gauge: Gauge
+    outstanding_gauge: Gauge
     healthy: bool = True  # optimistic until the first check: a down replica costs one failed connect
     cooldown_until: float = 0.0
     outstanding: int = 0
@@ -35,7 +40,7 @@ class Replica:
 
 
 class ReplicaSet:
-    """The replicas of one model pool."""
+    """The replicas of one model pool: the configured upstreams plus those its `discover` name resolves to."""
 
     def __init__(
         self, pool: ModelPool, metrics: GatewayMetrics, *, breaker_failures: int = 5, breaker_cooldown: float = 10.0
@@ -43,21 +48,50 @@ class ReplicaSet:
         self.pool = pool
         self.breaker_failures = breaker_failures
         self.breaker_cooldown = breaker_cooldown
-        self.replicas = [Replica(pool.name, url) for url in pool.upstreams]
         self.gate = Gate(pool.max_inflight, pool.max_queue, pool.queue_timeout, metrics.pool_queued.labels(pool.name))
         self.visual_tokens = metrics.pool_visual_tokens.labels(pool.name)
         self._metrics = metrics
         self._rotation = 0
-        self._healthy_gauges = {r: metrics.replica_healthy.labels(pool.name, r.base_url) for r in self.replicas}
-        self._outstanding_gauges = {r: metrics.replica_outstanding.labels(pool.name, r.base_url) for r in self.replicas}
-        for replica in self.replicas:
-            self._healthy_gauges[replica].set(1)
+        self.replicas: list[Replica] = []
+        self.discovered = False  # whether `discover` has answered once (until then the pool is not "empty")
+        self._set_replicas(list(pool.upstreams))
+
+    def _set_replicas(self, urls: list[str]) -> None:
+        current = {r.base_url: r for r in self.replicas}
+        replicas = [current.get(url) or self._new_replica(url) for url in urls]
+        for gone in set(self.replicas) - set(replicas):
+            log.info("replica %s left pool %s", gone.base_url, self.pool.name)
+            self._metrics.replica_healthy.remove(self.pool.name, gone.base_url)
+            self._metrics.replica_outstanding.remove(self.pool.name, gone.base_url)
+        self.replicas = replicas
+
+    def _new_replica(self, url: str) -> Replica:
+        metrics, name = self._metrics, self.pool.name
+        replica = Replica(
+            name, url, metrics.replica_healthy.labels(name, url), metrics.replica_outstanding.labels(name, url)
+        )
+        replica.healthy_gauge.set(1)
+        if self.replicas or self.discovered:
+            log.info("replica %s joined pool %s", url, self.pool.name)
+        return replica
+
+    def adopt_discovered(self, urls: list[str]) -> None:
+        """Make the pool the configured upstreams plus `urls`; replicas that stay keep their state."""
+        self.discovered = True
+        self._set_replicas(list(dict.fromkeys([*self.pool.upstreams, *urls])))
+
+    @property
+    def scaled_to_zero(self) -> bool:
+        """A discovered pool whose name resolves to no address: waiting for a replica, not broken."""
+        return self.discovered and not self.replicas
 
     def pick(self, exclude: set[Replica]) -> Replica | None:
         """The available replica with the fewest open requests; ties rotate so idle replicas share load."""
         now = time.monotonic()
         best: Replica | None = None
         count = len(self.replicas)
+        if not count:
+            return None
         self._rotation = (self._rotation + 1) % count
         for offset in range(count):
             replica = self.replicas[(self._rotation + offset) % count]
@@ -77,11 +111,11 @@ class ReplicaSet:
 
     def acquire(self, replica: Replica) -> None:
         replica.outstanding += 1
-        self._outstanding_gauges[replica].inc()
+        replica.outstanding_gauge.inc()
 
     def release(self, replica: Replica) -> None:
         replica.outstanding -= 1
-        self._outstanding_gauges[replica].dec()
+        replica.outstanding_gauge.dec()
 
     def mark_down(self, replica: Replica) -> None:
         """A connect or mid-stream failure: stop routing here until a health check passes again."""
@@ -89,7 +123,7 @@ class ReplicaSet:
         if replica.healthy:
             log.warning("replica %s of %s marked down", replica.base_url, replica.model)
         replica.healthy = False
-        self._healthy_gauges[replica].set(0)
+        replica.healthy_gauge.set(0)
 
     def record_failure(self, replica: Replica) -> None:
         """A 5xx or a timeout: enough in a row open the breaker; a failed probe re-opens it."""
@@ -114,7 +148,7 @@ class ReplicaSet:
         if not replica.healthy:
             log.info("replica %s of %s is healthy again", replica.base_url, replica.model)
         replica.healthy = True
-        self._healthy_gauges[replica].set(1)
+        replica.healthy_gauge.set(1)
 
     def healthy_count(self) -> int:
         now = time.monotonic()
@@ -124,8 +158,10 @@ class ReplicaSet:
 class Pools:
     """All model pools plus the background task that health-checks their replicas."""
 
-    def __init__(self, settings: Settings, metrics: GatewayMetrics) -> None:
+    def __init__(self, settings: Settings, metrics: GatewayMetrics, resolver: Resolver = system_resolver) -> None:
         self.settings = settings
+        self.metrics = metrics
+        self.resolver = resolver
         self.by_model = {
             pool.name: ReplicaSet(
                 pool, metrics, breaker_failures=settings.breaker_failures, breaker_cooldown=settings.breaker_cooldown
@@ -157,8 +193,32 @@ class Pools:
 
     async def _check_forever(self, session: aiohttp.ClientSession) -> None:
         while True:
+            await self.discover_all()
             await self.check_all(session)
             await asyncio.sleep(self.settings.health_check_interval)
+
+    async def discover_all(self) -> None:
+        """Re-resolve every pool's `discover` name; a DNS outage keeps the replicas last seen."""
+        discovering = [rs for rs in self.by_model.values() if rs.pool.discover is not None]
+        results = await asyncio.gather(*(self._resolve(rs) for rs in discovering))
+        for replica_set, urls in zip(discovering, results, strict=True):
+            if urls is not None:
+                replica_set.adopt_discovered(urls)
+
+    async def _resolve(self, replica_set: ReplicaSet) -> list[str] | None:
+        assert replica_set.pool.discover is not None
+        try:
+            async with asyncio.timeout(self.settings.health_check_timeout):
+                return await discover(replica_set.pool.discover, self.resolver)
+        except (DiscoveryFailed, TimeoutError) as exc:
+            self.metrics.discovery_errors.labels(replica_set.pool.name).inc()
+            log.warning(
+                "discovery for %s failed (%s); keeping its %d replicas",
+                replica_set.pool.name,
+                exc or "timeout",
+                len(replica_set.replicas),
+            )
+            return None
 
     async def _check(self, session: aiohttp.ClientSession, replica_set: ReplicaSet, replica: Replica) -> None:
         timeout = aiohttp.ClientTimeout(total=self.settings.health_check_timeout)

@@ -172,10 +172,15 @@ def test_config_map_is_a_config_the_gateway_accepts(rendered: list[dict[str, Any
     assert proxy.role == "proxy" and proxy.keys_file is not None
     services = {s["metadata"]["name"]: s for s in by_kind(rendered, "Service")}
     for pool in proxy.models:
-        (upstream,) = pool.upstreams
-        host, port = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", upstream).groups()  # type: ignore[union-attr]
-        assert services[host]["spec"]["ports"][0]["port"] == int(port), "the gateway points at the pool's Service"
-        assert services[host]["metadata"]["labels"]["app.kubernetes.io/component"] == "vllm"
+        assert pool.upstreams == [] and pool.discover is not None, "pods are discovered, not one ClusterIP"
+        found = re.fullmatch(r"http://([a-z0-9-]+)\.([a-z0-9-]+)\.svc:(\d+)", pool.discover)
+        assert found is not None, pool.discover
+        host, namespace, port = found.groups()
+        service = services[host]
+        assert namespace == service["metadata"]["namespace"] == "serving", "the release namespace, spelt out"
+        assert service["spec"]["clusterIP"] == "None", "headless: the name resolves to each ready pod"
+        assert service["spec"]["ports"][0]["port"] == int(port), "the gateway discovers the pool's Service"
+        assert service["metadata"]["labels"]["app.kubernetes.io/component"] == "vllm"
     assert proxy.retrieval_url == f"http://gw-vlm-gateway-retrieval:{proxy.port}"
     retrieval = Settings.model_validate(yaml.safe_load(config_map["data"]["retrieval.yaml"]))
     assert retrieval.role == "retrieval" and str(retrieval.search.index_dir) == "/var/lib/vlm-gateway/index"

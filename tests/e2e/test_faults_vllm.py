@@ -95,7 +95,7 @@ def test_replica_killed_mid_stream(gateway: RunningGateway, live_replicas: list[
         reply = sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
         assert reply.choices
     ready = httpx.get(f"{gateway.base_url}/health/ready").json()
-    assert ready["models"][MODEL] == {"healthy_replicas": 1, "replicas": 2}
+    assert ready["models"][MODEL] == {"healthy_replicas": 1, "replicas": 2, "scaled_to_zero": False}
     assert survivor.process.alive()
 
 

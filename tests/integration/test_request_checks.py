@@ -255,7 +255,7 @@ async def test_all_replicas_down_keeps_liveness_and_says_what_is_unservable(tmp_
             response = await client.post("/v1/chat/completions", content=orjson.dumps(chat()), headers=AUTH)
     assert live.status_code == 200
     assert ready.status_code == 503
-    assert ready.json()["models"] == {"m": {"healthy_replicas": 0, "replicas": 2}}
+    assert ready.json()["models"] == {"m": {"healthy_replicas": 0, "replicas": 2, "scaled_to_zero": False}}
     assert ready.json()["servable_models"] == []
     error = _assert_openai_error(response, 503)
     assert "retry-after" in response.headers

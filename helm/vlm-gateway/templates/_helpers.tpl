@@ -40,7 +40,9 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- printf "http://%s-retrieval:%d" (include "vlm.fullname" .) (int .Values.retrieval.port) -}}
 {{- end -}}
 
-{{/* The Service (and in-cluster DNS name) of one vLLM pool: include "vlm.poolName" (list . $pool) */}}
+{{/* The headless Service (and in-cluster DNS name) of one vLLM pool: include "vlm.poolName" (list . $pool).
+Headless, so that the name resolves to every ready pod: the gateway discovers them and routes, health-checks and
+breaks per pod rather than per ClusterIP. */}}
 {{- define "vlm.poolName" -}}
 {{- printf "%s-vllm-%s" (include "vlm.fullname" (index . 0)) (index . 1).name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
@@ -54,9 +56,9 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- define "vlm.gatewayConfig" -}}
 {{- $models := list -}}
 {{- range .Values.vllm.pools -}}
-{{- $upstream := printf "http://%s:%d" (include "vlm.poolName" (list $ .)) (int $.Values.vllm.port) -}}
+{{- $discover := printf "http://%s.%s.svc:%d" (include "vlm.poolName" (list $ .)) $.Release.Namespace (int $.Values.vllm.port) -}}
 {{- $quant := .quantization | default "bf16" -}}
-{{- $pool := dict "name" .servedModelName "upstreams" (list $upstream) "limit_mm_per_prompt" .limitMmPerPrompt "max_model_len" .maxModelLen "quantization" $quant "min_pixels" .minPixels "max_pixels" .maxPixels -}}
+{{- $pool := dict "name" .servedModelName "discover" $discover "limit_mm_per_prompt" .limitMmPerPrompt "max_model_len" .maxModelLen "quantization" $quant "min_pixels" .minPixels "max_pixels" .maxPixels -}}
 {{- $models = append $models (mergeOverwrite $pool (.gatewayPool | default dict)) -}}
 {{- end -}}
 {{- $base := dict "role" "proxy" "host" "0.0.0.0" "port" .Values.gateway.port "metrics_port" .Values.gateway.metricsPort "log_level" .Values.gateway.logLevel "models" $models "drain_delay" 0 "drain_timeout" .Values.gateway.drainTimeoutSeconds -}}
