@@ -160,8 +160,7 @@ def create_app(settings: Settings) -> FastAPI:
         metrics_server = MetricsServer(metrics, settings.host, settings.metrics_port)
         if not settings.auth_enabled:
             log.warning("no API keys configured: /v1/* is open to anyone who can reach this port")
-        await pools.discover_all()  # before the first request: a discovered pool starts with its replicas
-        pools.start(session)
+        await pools.start(session)
         embedder.start()
         if serves_retrieval:
             await searcher.start()

@@ -162,14 +162,12 @@ class UpstreamClient:
                 replicas.release(replica)
                 replica.probing = False
                 raise
-        if replicas.scaled_to_zero:
-            last_error = ServiceUnavailable(
-                f"Model '{model}' has no replica running (scaled to zero); one is starting, retry shortly.",
-                headers={"Retry-After": str(round(replicas.soonest_available_in()))},
-            )
+        if replicas.scaled_to_zero:  # no replica to try at all, so there is no last_error either
+            message = f"Model '{model}' has no replica running (scaled to zero); one is starting, retry shortly."
+        else:
+            message = f"No healthy replica is available for model '{model}'."
         raise last_error or ServiceUnavailable(
-            f"No healthy replica is available for model '{model}'.",
-            headers={"Retry-After": str(round(replicas.soonest_available_in()))},
+            message, headers={"Retry-After": str(round(replicas.soonest_available_in()))}
         )
 
     async def _open_one(

@@ -10,7 +10,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 # (host, port) -> the addresses the name resolves to now; an empty list means "no replicas" (scaled to zero).
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -32,10 +32,14 @@ async def system_resolver(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
+def _port(parts: SplitResult) -> int:
+    return parts.port or 80  # discover URLs are http only (gateway/config.py)
+
+
 def replica_urls(discover_url: str, addresses: list[str]) -> list[str]:
     """The base URL of each replica: the discovery URL with its host replaced by each address, in a stable order."""
     parts = urlsplit(discover_url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    port = _port(parts)
     urls = set()
     for address in addresses:
         host = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
@@ -46,5 +50,4 @@ def replica_urls(discover_url: str, addresses: list[str]) -> list[str]:
 async def discover(discover_url: str, resolver: Resolver) -> list[str]:
     parts = urlsplit(discover_url)
     assert parts.hostname is not None  # the config validator requires a host
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return replica_urls(discover_url, await resolver(parts.hostname, port))
+    return replica_urls(discover_url, await resolver(parts.hostname, _port(parts)))

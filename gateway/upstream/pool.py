@@ -52,18 +52,8 @@ class ReplicaSet:
         self.visual_tokens = metrics.pool_visual_tokens.labels(pool.name)
         self._metrics = metrics
         self._rotation = 0
-        self.replicas: list[Replica] = []
+        self.replicas = [self._new_replica(url) for url in pool.upstreams]
         self.discovered = False  # whether `discover` has answered once (until then the pool is not "empty")
-        self._set_replicas(list(pool.upstreams))
-
-    def _set_replicas(self, urls: list[str]) -> None:
-        current = {r.base_url: r for r in self.replicas}
-        replicas = [current.get(url) or self._new_replica(url) for url in urls]
-        for gone in set(self.replicas) - set(replicas):
-            log.info("replica %s left pool %s", gone.base_url, self.pool.name)
-            self._metrics.replica_healthy.remove(self.pool.name, gone.base_url)
-            self._metrics.replica_outstanding.remove(self.pool.name, gone.base_url)
-        self.replicas = replicas
 
     def _new_replica(self, url: str) -> Replica:
         metrics, name = self._metrics, self.pool.name
@@ -71,14 +61,20 @@ class ReplicaSet:
             name, url, metrics.replica_healthy.labels(name, url), metrics.replica_outstanding.labels(name, url)
         )
         replica.healthy_gauge.set(1)
-        if self.replicas or self.discovered:
-            log.info("replica %s joined pool %s", url, self.pool.name)
         return replica
 
     def adopt_discovered(self, urls: list[str]) -> None:
         """Make the pool the configured upstreams plus `urls`; replicas that stay keep their state."""
         self.discovered = True
-        self._set_replicas(list(dict.fromkeys([*self.pool.upstreams, *urls])))
+        current = {r.base_url: r for r in self.replicas}
+        wanted = dict.fromkeys([*self.pool.upstreams, *urls])
+        for url in wanted.keys() - current.keys():
+            log.info("replica %s joined pool %s", url, self.pool.name)
+        for url in current.keys() - wanted.keys():
+            log.info("replica %s left pool %s", url, self.pool.name)
+            self._metrics.replica_healthy.remove(self.pool.name, url)
+            self._metrics.replica_outstanding.remove(self.pool.name, url)
+        self.replicas = [current.get(url) or self._new_replica(url) for url in wanted]
 
     @property
     def scaled_to_zero(self) -> bool:
@@ -173,7 +169,10 @@ class Pools:
     def get(self, model: str) -> ReplicaSet | None:
         return self.by_model.get(model)
 
-    def start(self, session: aiohttp.ClientSession) -> None:
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        """Discover once before the first request (a discovered pool starts with its replicas), then keep
+        health-checking and re-discovering in the background."""
+        await self.discover_all()
         if self.by_model:
             self._task = asyncio.create_task(self._check_forever(session), name="replica-health")
 
@@ -193,9 +192,9 @@ class Pools:
 
     async def _check_forever(self, session: aiohttp.ClientSession) -> None:
         while True:
-            await self.discover_all()
             await self.check_all(session)
             await asyncio.sleep(self.settings.health_check_interval)
+            await self.discover_all()
 
     async def discover_all(self) -> None:
         """Re-resolve every pool's `discover` name; a DNS outage keeps the replicas last seen."""
