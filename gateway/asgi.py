@@ -1,9 +1,11 @@
-"""ASGI type aliases and the one way an error response is written on the raw ASGI paths."""
+"""ASGI type aliases and the one error writer: `send_error` on raw ASGI paths, `error_response` for FastAPI."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
+
+from starlette.responses import Response
 
 from gateway.errors import GatewayError, Unauthorized, error_body
 
@@ -23,10 +25,17 @@ def error_headers(error: GatewayError, body: bytes) -> list[tuple[bytes, bytes]]
     return headers
 
 
-async def send_error(send: Send, error: GatewayError) -> None:
+async def send_error(send: Send, error: GatewayError, extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     body = error_body(error)
-    await send({"type": "http.response.start", "status": error.status, "headers": error_headers(error, body)})
+    headers = error_headers(error, body) + list(extra_headers)
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def error_response(error: GatewayError) -> Response:
+    body = error_body(error)
+    headers = {k.decode(): v.decode() for k, v in error_headers(error, body) if k != b"content-length"}
+    return Response(body, status_code=error.status, headers=headers)
 
 
 async def read_body(receive: Receive) -> bytes:
@@ -39,3 +48,16 @@ async def read_body(receive: Receive) -> bytes:
         if not message.get("more_body", False):
             break
     return b"".join(chunks)
+
+
+def with_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
+    """`send`, adding `headers` to the response start (e.g. a handler's rate-limit headers)."""
+    if not headers:
+        return send
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), *headers]
+        await send(message)
+
+    return sending

@@ -1,17 +1,17 @@
-"""`gateway serve ...` — the command line turns flags into Settings overrides and starts uvicorn."""
+"""`gateway serve ...` and `gateway index ...`: the command line turns flags into Settings overrides."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from gateway.config import Settings, load_settings
+from gateway.config import load_settings
 
 
 def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,16 +36,6 @@ def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     serve.add_argument("--clip-model", help='open_clip model name, or "tiny-random" (built in, no download)')
     serve.add_argument("--clip-pretrained", help="open_clip pretrained tag (fetched from the hub)")
     serve.add_argument("--clip-checkpoint", help="local CLIP weights (.safetensors, or torch weights_only)")
-
-
-def _local_stack_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    stack = commands.add_parser("local-stack", help="vLLM CPU build on the tiny offline model + the gateway")
-    stack.add_argument("--vllm-python", type=Path, required=True, help="python of vLLM's own virtualenv")
-    stack.add_argument("--model-dir", type=Path, required=True, help="checkpoint to serve (tiny one by default)")
-    stack.add_argument("--model", default="tiny-qwen-vl", help="served model name")
-    stack.add_argument("--port", type=int, default=8080)
-    stack.add_argument("--vllm-port", type=int, default=8000)
-    stack.add_argument("--log-dir", type=Path, default=Path(".cache/logs"))
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -85,25 +75,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             pool["max_inflight"] = args.max_inflight
         overrides["models"] = [pool]
     return overrides
-
-
-def serve(settings: Settings) -> None:
-    import uvicorn
-
-    from gateway.app import create_app, hot_path
-
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvicorn.run(
-        hot_path(create_app(settings), settings),
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,  # a per-request log line costs more than the rest of the proxy path
-        proxy_headers=False,  # nothing here reads the client address; rewriting it cost ~1% per request
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.drain_timeout) or None,
-    )
 
 
 def _index_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -150,7 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible gateway for vLLM + CLIP search")
     commands = parser.add_subparsers(dest="command", required=True)
     _serve_parser(commands)
-    _local_stack_parser(commands)
     _index_parser(commands)
     return parser
 
@@ -158,19 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "index":
-        _run_index(args)
+        try:
+            _run_index(args)
+        except (ValueError, OSError, tarfile.TarError) as exc:
+            print(f"gateway index {args.action}: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
         return
-    if args.command == "local-stack":
-        from gateway.devstack import run_local_stack
-
-        run_local_stack(
-            args.vllm_python,
-            args.model_dir,
-            model=args.model,
-            gateway_port=args.port,
-            vllm_port=args.vllm_port,
-            log_dir=args.log_dir,
-        )
     if args.command == "serve":
         try:
             settings = load_settings(args.config, **_overrides(args))
@@ -182,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
                 "gateway: no model pools configured (use --upstream or --discover with --model, or a config file)",
                 file=sys.stderr,
             )
+        from gateway.server.serve import serve
+
         serve(settings)
 
 

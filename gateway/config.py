@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, StringConstraints, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -50,8 +50,12 @@ class MediaSettings(BaseModel):
     read_timeout: float = Field(10.0, gt=0, le=600)
     total_timeout: float = Field(30.0, gt=0, le=3600)
     max_concurrent_fetches: int = Field(64, ge=1, le=100_000)
+    # Remote image URLs in one /v1/embeddings or item upsert request (chat counts against limit_mm_per_prompt).
+    max_remote_images_per_request: int = Field(16, ge=0, le=100_000)
     decode_threads: int = Field(2, ge=1, le=256)
     cache_entries: int = Field(256, ge=0, le=1_000_000)
+    # Prepared media kept for reuse, in bytes of data URLs; only media of requests that passed their checks.
+    cache_bytes: int = Field(256 * 1024 * 1024, ge=0)
     cache_ttl: float = Field(300.0, ge=0)
     video_max_seconds: float = Field(300.0, gt=0)
     video_max_fps: float = Field(60.0, gt=0)
@@ -88,6 +92,27 @@ def _default_media_limits() -> dict[Modality, int]:
     return {"image": 4, "video": 1}
 
 
+# Qwen2.5-VL's special tokens: in a client's text they would be read as control tokens (roles, media
+# placeholders); placeholder ids in a token prompt crash some vLLM versions' workers (CVE-2026-44222).
+QWEN_RESERVED_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+QWEN_PLACEHOLDER_IDS = (151652, 151653, 151654, 151655, 151656)  # vision start/end/pad, image pad, video pad
+
+
 class ModelPool(BaseModel):
     """One served model name and the vLLM replicas that serve it."""
 
@@ -111,6 +136,11 @@ class ModelPool(BaseModel):
     # The defaults are the processor's own, so answers match a direct call; lower max_pixels to save tokens.
     min_pixels: int = Field(4 * 28 * 28, ge=28 * 28)
     max_pixels: int = Field(16384 * 28 * 28, ge=28 * 28)
+    # Refused in any text a client sends, and as ids in token prompts (the defaults are Qwen2.5-VL's).
+    reserved_tokens: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] = Field(
+        default_factory=lambda: list(QWEN_RESERVED_TOKENS), max_length=1024
+    )
+    reserved_token_ids: list[int] = Field(default_factory=lambda: list(QWEN_PLACEHOLDER_IDS), max_length=1024)
     # A prompt longer than max_model_len * this many characters cannot fit; rejected without tokenising.
     max_chars_per_token: float = Field(10.0, gt=0, le=1000)
 
@@ -147,8 +177,9 @@ class ModelPool(BaseModel):
         return limits
 
 
-Scope = Literal["read", "write", "admin"]
-ALL_SCOPES: tuple[Scope, ...] = ("read", "write", "admin")
+Scope = Literal["read", "write", "admin", "operator"]
+ALL_SCOPES: tuple[Scope, ...] = ("read", "write", "admin", "operator")
+LEAST_SCOPES: tuple[Scope, ...] = ("read",)  # what a scoped key gets when its entry names none
 
 
 class RateLimits(BaseModel):
@@ -160,12 +191,13 @@ class RateLimits(BaseModel):
 
 
 class ScopedKey(BaseModel):
-    """An API key with limited rights: `read` (chat, embeddings, search, get), `write` (index items), `admin`
-    (collections, snapshots). `namespace` groups keys that share items; by default each key is its own."""
+    """An API key with limited rights (gateway/access/scopes.py): `read` by default; `write` (index items),
+    `admin` (collections of its own namespace), `operator` (any namespace's collections) when given.
+    `namespace` groups keys that share items; by default each key is its own."""
 
     key: SecretStr | None = None  # hashed at load; or give the digest:
     sha256: str | None = None
-    scopes: list[Scope] = Field(default_factory=lambda: list(ALL_SCOPES))
+    scopes: list[Scope] = Field(default_factory=lambda: list(LEAST_SCOPES), max_length=len(ALL_SCOPES))
     namespace: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
     rate_limits: RateLimits | None = None  # default: the gateway-wide `rate_limits`
 
@@ -229,6 +261,14 @@ class Settings(BaseSettings):
     drain_delay: float = Field(0.0, ge=0, le=600)  # keep serving in-flight while endpoints update
     drain_timeout: float = Field(30.0, ge=0, le=3600)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    # The listener's own limits (gateway/server/connections.py), enforced before any request is parsed: request
+    # line + headers in bytes (431 beyond), the time they may take to arrive (408), the longest pause inside a
+    # body, idle keep-alive, and open connections (503 beyond; the file-descriptor limit is raised to fit).
+    max_head_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    head_timeout: float = Field(10.0, gt=0, le=600)
+    body_idle_timeout: float = Field(30.0, gt=0, le=3600)
+    keepalive_timeout: float = Field(5.0, gt=0, le=3600)
+    max_connections: int = Field(4096, ge=1, le=1_000_000)
     # Bodies above this size are parsed and validated in a worker thread, off the event loop.
     inline_parse_bytes: int = Field(256 * 1024, ge=0)
     health_check_interval: float = Field(5.0, gt=0, le=3600)

@@ -6,7 +6,8 @@ written for clients: an exception's text or an upstream's internals never reach 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import orjson
 
@@ -76,6 +77,20 @@ class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code: str | None = "payload_too_large"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code: str | None = "request_timeout"
+    message = "The request did not arrive in time."
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    type = "invalid_request_error"
+    code: str | None = "headers_too_large"
+    message = "The request line and headers are too large."
 
 
 class RateLimited(GatewayError):
@@ -185,3 +200,42 @@ def error_body(error: GatewayError) -> bytes:
 def sse_error_frame(error: GatewayError) -> bytes:
     """After the first byte of a stream the status is sent; the error travels as an event, then the terminator."""
     return b"data: " + error_body(error) + b"\n\ndata: [DONE]\n\n"
+
+
+# Pydantic inserts these labels into an error's location for union branches; they are not request fields.
+UNION_BRANCH_LABELS = ("str", "int", "float", "bool", "dict", "list", "none")
+# FastAPI prefixes a location with where the value came from; only that first segment is dropped.
+REQUEST_SOURCES = ("body", "query", "path", "header", "cookie")
+
+
+def _param_from_loc(loc: tuple[int | str, ...]) -> str:
+    """`messages[0].content[2].image_url` from pydantic's location, minus the union-branch labels it inserts."""
+    path = ""
+    previous: int | str | None = None
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in UNION_BRANCH_LABELS or "[" in part or part.startswith(("function-", "literal")):
+            continue
+        elif part != previous:  # a tagged union repeats its tag ("image_url") before the field of that name
+            path += f".{part}" if path else part
+        previous = part
+    return path
+
+
+def validation_error(errors: Iterable[Mapping[str, Any]], *, located_by_source: bool = False) -> InvalidRequest:
+    """The one mapping from pydantic's errors to a 400: the deepest error (with unions pydantic reports one per
+    branch; the deepest names the real culprit), its field path as `param`, its message without pydantic's
+    "Value error, " prefix. `located_by_source`: FastAPI's locations start with "body"/"query"/..., dropped."""
+    found = [dict(error) for error in errors]
+    if not found:
+        return InvalidRequest("The request is invalid.")
+    for error in found:
+        loc = tuple(error.get("loc", ()))
+        if located_by_source and loc and loc[0] in REQUEST_SOURCES:
+            loc = loc[1:]
+        error["loc"] = loc
+    deepest = max(found, key=lambda error: len(error["loc"]))
+    param = _param_from_loc(deepest["loc"])
+    message = str(deepest.get("msg", "invalid value")).removeprefix("Value error, ")
+    return InvalidRequest(f"{param}: {message}" if param else message, param=param or None)

@@ -1,7 +1,8 @@
 """Every metric the gateway exports, on one registry, all named `gateway_*`.
 
-Label values come from closed sets (configured model names, route templates, replica URLs from config, fixed
-error kinds) so a client can never mint new time series. Names never reuse the engine's `vllm:*` names, so a
+Label values come from closed sets (configured model names, route templates, replica URLs from config or DNS
+discovery — a replica's series are removed when it leaves the pool —, fixed error kinds) so a client can never mint
+new time series. Names never reuse the engine's `vllm:*` names, so a
 dashboard summing both does not double-count.
 """
 
@@ -19,17 +20,6 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5, 10, 30)
 
 UNKNOWN_MODEL = "_unknown"
-UPSTREAM_ERROR_KINDS = (
-    "connect",
-    "status_4xx",
-    "status_429",
-    "status_5xx",
-    "timeout_first_token",
-    "timeout_idle",
-    "timeout_total",
-    "broken_stream",
-    "retry_budget_exhausted",
-)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

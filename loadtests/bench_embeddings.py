@@ -26,8 +26,8 @@ import yaml
 from PIL import Image
 
 from gateway.config import EmbeddingsSettings
-from gateway.devstack import free_port, gateway_process
 from gateway.embeddings.encoder import OpenClipEncoder
+from tests.harness.processes import free_port, gateway_process
 
 GATEWAY_CORE, LOAD_CORE = 0, 1
 

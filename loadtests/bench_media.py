@@ -21,10 +21,10 @@ from aiohttp import web
 from PIL import Image
 
 from gateway.config import MediaSettings, ModelPool
-from gateway.devstack import free_port
 from gateway.media.images import prepare_image
 from gateway.media.service import MediaPart, MediaPreparer
 from gateway.metrics import GatewayMetrics
+from tests.harness.processes import free_port
 
 SIZES = [(512, 512), (1024, 768), (2048, 1536)]
 POOL = ModelPool(name="bench", upstreams=["http://127.0.0.1:1"], max_pixels=1280 * 28 * 28)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import orjson
 from aiohttp import web
 
-from gateway.devstack import free_port
+from tests.harness.processes import free_port
 
 
 @dataclass
@@ -20,6 +20,7 @@ class Behaviour:
     chunks: int = 3
     chunk_delay: float = 0.0
     padding: int = 0  # bytes of filler per chunk, to fill socket buffers quickly
+    message: str | None = None  # the error message of mode "status" (default "fake status <code>")
 
 
 def sse_chunk(i: int, padding: int = 0) -> bytes:
@@ -42,6 +43,7 @@ class FakeVllm:
     hits: int = 0
     bodies: list[bytes] = field(default_factory=list)
     request_ids: list[str] = field(default_factory=list)
+    aborted: int = 0  # stalled requests whose connection the gateway closed (what makes vLLM abort one)
     port: int = 0
     _runner: web.AppRunner | None = None
 
@@ -78,10 +80,15 @@ class FakeVllm:
             request.transport.abort()
             await asyncio.sleep(1)
         if b.mode == "stall_first":
+            transport = request.transport
+            while transport is not None and not transport.is_closing():
+                await asyncio.sleep(0.05)
+            self.aborted += 1
             await asyncio.sleep(3600)
         if b.mode == "status":
             headers = {"Retry-After": b.retry_after} if b.retry_after else {}
-            error = {"error": {"message": f"fake status {b.status}", "type": "BadRequestError", "code": b.status}}
+            message = b.message if b.message is not None else f"fake status {b.status}"
+            error = {"error": {"message": message, "type": "BadRequestError", "code": b.status}}
             return web.json_response(error, status=b.status, headers=headers)
         if not orjson.loads(body).get("stream"):
             return web.json_response(

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from PIL import Image
 
-from gateway.devstack import free_port
+from tests.harness.processes import free_port
 
 
 def png_bytes(width: int, height: int, colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:

@@ -13,7 +13,7 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.devstack import ManagedProcess, free_port, gateway_process
+from tests.harness.processes import ManagedProcess, free_port, gateway_process
 
 
 def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:

@@ -15,16 +15,28 @@ from typing import Any
 import numpy as np
 import orjson
 
+from gateway.chat.protocol import ImagePart
 from gateway.config import EmbeddingsSettings
 from gateway.embeddings.batcher import Batcher
 from gateway.embeddings.encoder import Encoder, OpenClipEncoder, Vectors
+from gateway.embeddings.protocol import EmbeddingRequest, TextInput
 from gateway.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
 from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
-from gateway.protocol.chat import ImagePart
-from gateway.protocol.embeddings import EmbeddingRequest, TextInput
 
 log = logging.getLogger("gateway.embeddings")
+
+# CLIP reads 77 tokens (75 of text). Every whitespace-separated word is at least one token and no token spans
+# more than 32 characters, so the first 76 words, and of them the first 77 x 32 x 2 characters (room for HTML
+# entities, which CLIP's cleaning shortens), hold everything CLIP reads: the rest is cut before tokenising.
+CLIP_WORDS = 76
+CLIP_CHARS = 77 * 32 * 2
+# Texts tokenised per job; one request's jobs go one at a time, so another caller's text waits for one job at most.
+TOKENIZE_CHUNK = 32
+
+
+def clip_prefix(text: str) -> str:
+    return " ".join(text.split(maxsplit=CLIP_WORDS)[:CLIP_WORDS])[:CLIP_CHARS]
 
 
 class EmbeddingsService:
@@ -103,18 +115,19 @@ class EmbeddingsService:
             raise InvalidRequest(f"At most {self.settings.max_inputs} inputs per request.", param="input")
         if request.dimensions is not None and request.dimensions > encoder.dim:
             raise InvalidRequest(f"dimensions must be at most {encoder.dim} for this model.", param="dimensions")
-        vectors, tokens = await self._encode(encoder, items, "input")
+        vectors, tokens = await self._encode(encoder, items, [f"input[{i}]" for i in range(len(items))])
         if request.dimensions is not None and request.dimensions < encoder.dim:
             vectors = vectors[:, : request.dimensions]
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return _response(vectors, request, encoder.model_id, tokens)
 
-    async def embed_items(self, encoder: Encoder, items: list[Any], param: str) -> Vectors:
-        """Vectors for texts / image parts on behalf of another service (search), same rules and batching."""
-        vectors, _ = await self._encode(encoder, items, param)
+    async def embed_items(self, encoder: Encoder, items: list[Any], params: list[str]) -> Vectors:
+        """Vectors for texts / image parts on behalf of another service (search), same rules and batching;
+        `params[i]` names item i in that service's request, for errors."""
+        vectors, _ = await self._encode(encoder, items, params)
         return vectors
 
-    async def _encode(self, encoder: Encoder, items: list[Any], param: str) -> tuple[Vectors, int]:
+    async def _encode(self, encoder: Encoder, items: list[Any], params: list[str]) -> tuple[Vectors, int]:
         texts: list[tuple[int, str]] = []
         token_ids: list[tuple[int, list[int]]] = []
         images: list[tuple[int, str]] = []
@@ -127,22 +140,24 @@ class EmbeddingsService:
             if isinstance(text, str):
                 if len(text) > self.settings.max_input_chars:
                     raise InvalidRequest(
-                        f"Input is longer than {self.settings.max_input_chars} characters.", param=f"{param}[{i}]"
+                        f"Input is longer than {self.settings.max_input_chars} characters.", param=params[i]
                     )
                 texts.append((i, text))
             else:
                 vocab = getattr(encoder, "vocab_size", 1 << 31)
                 if any(token >= vocab for token in text):
-                    raise InvalidRequest(f"Token ids must be below {vocab}.", param=f"{param}[{i}]")
+                    raise InvalidRequest(f"Token ids must be below {vocab}.", param=params[i])
                 token_ids.append((i, text))
         loop = asyncio.get_running_loop()
         text_rows: list[Any] = []
-        if texts:
-            text_rows = await loop.run_in_executor(self._prep, encoder.tokenize, [t for _, t in texts])
+        prefixes = [clip_prefix(t) for _, t in texts]
+        for start in range(0, len(prefixes), TOKENIZE_CHUNK):
+            chunk = prefixes[start : start + TOKENIZE_CHUNK]
+            text_rows += await loop.run_in_executor(self._prep, encoder.tokenize, chunk)
         text_rows += [encoder.tokens_from_ids(ids) for _, ids in token_ids]
         text_positions = [i for i, _ in texts] + [i for i, _ in token_ids]
         pixel_rows = await self._media.load_images(
-            [(url, f"{param}[{i}].image_url") for i, url in images], encoder.preprocess
+            [(url, f"{params[i]}.image_url") for i, url in images], encoder.preprocess
         )
         vectors = np.zeros((len(items), encoder.dim), np.float32)
         jobs = []

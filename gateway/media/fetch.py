@@ -16,6 +16,7 @@ import aiohttp
 from gateway.config import MediaSettings
 from gateway.errors import InvalidRequest, MediaFetchFailed, MediaFetchTimeout, MediaTooLarge, MediaUrlRefused
 from gateway.media.guard import GuardedResolver, MediaAccessPolicy, resolve_checked
+from gateway.upstream.errors import TransportError, TransportTimeout, map_upstream_errors
 
 REDIRECTS = (301, 302, 303, 307, 308)
 READ_CHUNK = 64 * 1024
@@ -85,28 +86,30 @@ class MediaFetcher:
             total=None, sock_connect=self.settings.connect_timeout, sock_read=self.settings.read_timeout
         )
         try:
-            async with self._session.get(url, allow_redirects=False, timeout=timeout) as response:
-                if response.status in REDIRECTS:
-                    location = response.headers.get("Location")
-                    if not location:
-                        raise MediaFetchFailed("The media URL redirected without a Location.", param=param)
-                    return location
-                if response.status != 200:
-                    raise MediaFetchFailed(f"The media URL answered HTTP {response.status}.", param=param)
-                if response.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
-                    raise MediaFetchFailed("The media host sent a compressed encoding.", param=param)
-                declared = response.content_length
-                if declared is not None and declared > max_bytes:
-                    raise MediaTooLarge(f"The media item is larger than the limit of {max_bytes} bytes.", param=param)
-                body = bytearray()
-                async for chunk in response.content.iter_chunked(READ_CHUNK):
-                    body += chunk
-                    if len(body) > max_bytes:
-                        raise MediaTooLarge(
-                            f"The media item is larger than the limit of {max_bytes} bytes.", param=param
-                        )
-                return bytes(body)
-        except aiohttp.ServerTimeoutError:
+            with map_upstream_errors():
+                return await self._read_response(url, max_bytes, param, timeout)
+        except TransportTimeout:
             raise MediaFetchTimeout("The media host did not deliver in time.", param=param) from None
-        except aiohttp.ClientError:
+        except TransportError:
             raise MediaFetchFailed("The media URL could not be fetched.", param=param) from None
+
+    async def _read_response(self, url: str, max_bytes: int, param: str, budgets: aiohttp.ClientTimeout) -> bytes | str:
+        async with self._session.get(url, allow_redirects=False, timeout=budgets) as response:
+            if response.status in REDIRECTS:
+                location = response.headers.get("Location")
+                if not location:
+                    raise MediaFetchFailed("The media URL redirected without a Location.", param=param)
+                return location
+            if response.status != 200:
+                raise MediaFetchFailed(f"The media URL answered HTTP {response.status}.", param=param)
+            if response.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
+                raise MediaFetchFailed("The media host sent a compressed encoding.", param=param)
+            declared = response.content_length
+            if declared is not None and declared > max_bytes:
+                raise MediaTooLarge(f"The media item is larger than the limit of {max_bytes} bytes.", param=param)
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(READ_CHUNK):
+                body += chunk
+                if len(body) > max_bytes:
+                    raise MediaTooLarge(f"The media item is larger than the limit of {max_bytes} bytes.", param=param)
+            return bytes(body)

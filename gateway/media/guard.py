@@ -1,7 +1,9 @@
 """Which media URLs the gateway may fetch, and which addresses it may connect to.
 
-The host is resolved by the gateway, every resolved address is checked, and the connection goes to an address
-that was checked (see `GuardedResolver`): no second lookup, so DNS rebinding cannot slip a private address in.
+The host is resolved and every address it resolves to is checked before the fetch starts (`resolve_checked`);
+the connection then resolves through `GuardedResolver`, which checks every address again and hands the socket
+only addresses it checked. So there are two lookups, each checked: a DNS answer that changes between them
+(rebinding) is refused by the second check rather than connected to.
 Numeric host spellings (`2130706433`, `0x7f000001`, `127.1`) resolve through the same libc call a connect would
 use, so they are caught by the address check rather than by string matching.
 """
@@ -42,30 +44,52 @@ def is_public_address(address: IPAddress) -> bool:
     return inner.is_global and not inner.is_multicast and not inner.is_reserved
 
 
+def _split_port(entry: str) -> tuple[str, int | None]:
+    """`host:port`, `[v6]:port`, `10.0.0.0/8:443` → (host, port); a bare name, address or CIDR → (it, None)."""
+    entry = entry.strip().lower()
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+    host, sep, port = entry.rpartition(":")
+    if sep and host.count(":") == 0 and port.isdigit():
+        return host, int(port)
+    return entry, None
+
+
 @dataclass(frozen=True)
 class MediaAccessPolicy:
-    """The operator's rules. `trusted_hosts` (names or CIDRs) may resolve to private addresses."""
+    """The operator's rules. `trusted_hosts` (names or CIDRs, each optionally with `:port`) may resolve to
+    private addresses; an entry with a port trusts that port only, so trusting an image store does not open the
+    other services on its host."""
 
     allowed_domains: tuple[str, ...] = ()  # empty: any public host
     denied_domains: tuple[str, ...] = ()
     trusted_hosts: tuple[str, ...] = ()
 
-    def _trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    def _trusted(self) -> list[tuple[str, int | None]]:
+        return [_split_port(entry) for entry in self.trusted_hosts]
+
+    def _trusted_networks(self, port: int) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         networks = []
-        for entry in self.trusted_hosts:
+        for entry, only in self._trusted():
+            if only is not None and only != port:
+                continue
             try:
                 networks.append(ipaddress.ip_network(entry, strict=False))
             except ValueError:
                 continue
         return networks
 
-    def host_is_trusted(self, host: str) -> bool:
-        return _matches(host, self.trusted_hosts)
+    def host_is_trusted(self, host: str, port: int | None = None) -> bool:
+        """Whether `host` is trusted (on `port`; with no port given, on some port — for the allow-list)."""
+        return any(
+            _matches(host, (name,)) and (only is None or port is None or only == port) for name, only in self._trusted()
+        )
 
-    def address_allowed(self, host: str, address: IPAddress) -> bool:
-        if is_public_address(address) or self.host_is_trusted(host):
+    def address_allowed(self, host: str, address: IPAddress, port: int) -> bool:
+        if is_public_address(address) or self.host_is_trusted(host, port):
             return True
-        return any(_unwrap(address) in network for network in self._trusted_networks())
+        return any(_unwrap(address) in network for network in self._trusted_networks(port))
 
     def check_url(self, url: str, param: str) -> tuple[str, str, int]:
         """(scheme, host, port) of a URL the policy lets the gateway try; raises MediaUrlRefused otherwise."""
@@ -105,7 +129,7 @@ async def resolve_checked(
     results: list[tuple[int, str]] = []
     for fam, _type, _proto, _name, sockaddr in infos:
         address = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
-        if not policy.address_allowed(host, address):
+        if not policy.address_allowed(host, address, port):
             raise MediaUrlRefused("The media URL points at a private or reserved address.")
         results.append((fam, str(sockaddr[0])))
     if not results:
@@ -129,12 +153,4 @@ class GuardedResolver(AbstractResolver):
         ]
 
     async def close(self) -> None:
-        return None
-
-
-def literal_address(host: str) -> IPAddress | None:
-    """The address of an IP-literal host (aiohttp connects to literals without asking any resolver)."""
-    try:
-        return ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
         return None

@@ -16,12 +16,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from PIL import Image
 
 from gateway.config import MediaSettings, ModelPool
-from gateway.errors import ContextLengthExceeded, GatewayError, MediaTooLarge, MediaUrlRefused
+from gateway.errors import ContextLengthExceeded, GatewayError, InvalidRequest, MediaTooLarge, MediaUrlRefused
 from gateway.media.fetch import MediaFetcher, decode_data_url
 from gateway.media.images import PreparedMedia, decode_image, prepare_image
 from gateway.media.video import VideoCaps, prepare_video
@@ -32,39 +32,61 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class MediaPart:
-    """An image_url/video_url part at messages[message].content[index]."""
+    """One image or video of a request; `param` is where the caller's API names it, for errors."""
 
-    message: int
-    index: int
     modality: str  # "image" | "video"
     url: str
-
-    @property
-    def param(self) -> str:
-        return f"messages[{self.message}].content[{self.index}].{self.modality}_url"
+    param: str
 
 
 class _TtlCache:
-    def __init__(self, entries: int, ttl: float) -> None:
+    """Prepared media by key, bounded in entries and in bytes, oldest first out.
+
+    Entries live `ttl` seconds from when they were stored; the order of insertion is the order of expiry, so
+    expired entries are dropped from the front on every use (and by `sweep`), not only when read again.
+    """
+
+    def __init__(self, entries: int, max_bytes: int, ttl: float) -> None:
         self._entries = entries
+        self._max_bytes = max_bytes
         self._ttl = ttl
         self._items: OrderedDict[tuple[str, ...], tuple[float, PreparedMedia]] = OrderedDict()
+        self.bytes = 0
+
+    @staticmethod
+    def _size(value: PreparedMedia) -> int:
+        return len(value.data_url) + 256  # the data URL dominates; the rest is a small constant
+
+    def _drop_first(self) -> None:
+        _, (_, value) = self._items.popitem(last=False)
+        self.bytes -= self._size(value)
+
+    def sweep(self) -> None:
+        now = time.monotonic()
+        while self._items and next(iter(self._items.values()))[0] <= now:
+            self._drop_first()
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
 
     def get(self, key: tuple[str, ...]) -> PreparedMedia | None:
+        self.sweep()
         item = self._items.get(key)
-        if item is None or item[0] < time.monotonic():
-            self._items.pop(key, None)
-            return None
-        self._items.move_to_end(key)
-        return item[1]
+        return item[1] if item is not None else None
 
     def put(self, key: tuple[str, ...], value: PreparedMedia) -> None:
-        if self._entries == 0:
+        self.sweep()
+        size = self._size(value)
+        if self._entries == 0 or size > self._max_bytes:
             return
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.bytes -= self._size(old[1])
         self._items[key] = (time.monotonic() + self._ttl, value)
-        self._items.move_to_end(key)
-        while len(self._items) > self._entries:
-            self._items.popitem(last=False)
+        self.bytes += size
+        while len(self._items) > self._entries or self.bytes > self._max_bytes:
+            self._drop_first()
 
 
 class MediaPreparer:
@@ -73,8 +95,9 @@ class MediaPreparer:
         self.metrics = metrics
         self.fetcher = MediaFetcher(settings)
         self._executor = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="media-decode")
-        self._cache = _TtlCache(settings.cache_entries, settings.cache_ttl)
+        self._cache = _TtlCache(settings.cache_entries, settings.cache_bytes, settings.cache_ttl)
         self._inflight: dict[tuple[str, ...], asyncio.Future[PreparedMedia]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
         self._video_caps = VideoCaps(
             settings.video_max_seconds,
             settings.video_max_fps,
@@ -86,12 +109,23 @@ class MediaPreparer:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         self._formats = tuple(f.upper() for f in settings.image_formats)
 
+    def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="media-cache-sweep")
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self._cache.sweep()
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         await self.fetcher.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def prepare(self, body: dict[str, Any], parts: list[MediaPart], pool: ModelPool) -> int:
-        """Rewrite `body`'s media parts in place; returns the request's estimated visual tokens."""
+    async def prepare(self, parts: list[MediaPart], pool: ModelPool) -> list[PreparedMedia]:
+        """Each part checked and resized for `pool`, in order; refuses the request if their visual tokens alone
+        fill the pool's context."""
         budget = _RequestBudget(self.settings.max_request_bytes)
         try:
             async with asyncio.TaskGroup() as group:
@@ -101,16 +135,8 @@ class MediaPreparer:
             assert isinstance(first, GatewayError)
             self.metrics.media_rejections.labels(first.code or "invalid").inc()
             raise first from None
-        visual_tokens = 0
-        for part, task in zip(parts, tasks, strict=True):
-            prepared = task.result()
-            visual_tokens += prepared.visual_tokens
-            key = f"{part.modality}_url"
-            body["messages"][part.message]["content"][part.index] = {
-                "type": key,
-                key: {"url": prepared.data_url},
-                "uuid": prepared.sha256,
-            }
+        prepared = [task.result()[1] for task in tasks]
+        visual_tokens = sum(item.visual_tokens for item in prepared)
         self.metrics.media_visual_tokens.observe(visual_tokens)
         if pool.max_model_len is not None and visual_tokens >= pool.max_model_len:
             raise ContextLengthExceeded(
@@ -118,9 +144,19 @@ class MediaPreparer:
                 f"length is {pool.max_model_len}.",
                 param="messages",
             )
-        return visual_tokens
+        # Cached only now: a request refused by its own checks leaves nothing behind in memory.
+        for task in tasks:
+            key, item = task.result()
+            self._cache.put(key, item)
+        return prepared
 
-    async def _prepare_one(self, part: MediaPart, pool: ModelPool, budget: _RequestBudget) -> PreparedMedia:
+    def release_memory(self) -> None:
+        """Under memory pressure: drop every cached item."""
+        self._cache.clear()
+
+    async def _prepare_one(
+        self, part: MediaPart, pool: ModelPool, budget: _RequestBudget
+    ) -> tuple[tuple[str, ...], PreparedMedia]:
         remote = not part.url.startswith("data:")
         identity = part.url if remote else hashlib.sha256(part.url.encode()).hexdigest()
         key = (part.modality, "url" if remote else "data", identity, str(pool.min_pixels), str(pool.max_pixels))
@@ -128,12 +164,15 @@ class MediaPreparer:
         if cached is not None:
             self.metrics.media_cache_hits.labels(part.modality).inc()
             budget.spend(cached.source_bytes, part.param)
-            return cached
+            return key, cached
         pending = self._inflight.get(key)
         if pending is not None:
-            prepared = await asyncio.shield(pending)
+            try:
+                prepared = await asyncio.shield(pending)
+            except GatewayError as shared:  # the first requester's error, told in this request's own terms
+                raise type(shared)(shared.message, param=part.param, code=shared.code, headers=shared.headers) from None
             budget.spend(prepared.source_bytes, part.param)
-            return prepared
+            return key, prepared
         future: asyncio.Future[PreparedMedia] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
@@ -145,28 +184,28 @@ class MediaPreparer:
         finally:
             del self._inflight[key]
         future.set_result(prepared)
-        self._cache.put(key, prepared)
-        return prepared
+        return key, prepared
 
-    async def _read(self, url: str, modality: str, param: str, budget: _RequestBudget) -> tuple[str, bytes, str]:
-        """(media type, bytes, source) of one item, within the per-item and per-request byte caps."""
+    async def _read(self, url: str, modality: str, param: str, budget: _RequestBudget) -> tuple[bytes, str]:
+        """(bytes, source) of one item, within the per-item and per-request byte caps. A data URL's label is not
+        kept: the decoders decide what the bytes are."""
         settings = self.settings
         cap = settings.max_image_bytes if modality == "image" else settings.max_video_bytes
         if url.startswith("data:"):
             if not settings.allow_data_urls:
                 raise MediaUrlRefused("data: URLs are disabled on this gateway.", param=param)
-            mime, data = decode_data_url(url, cap, param)
+            _label, data = decode_data_url(url, cap, param)
             source = "data"
         else:
-            mime, data, source = "", await self.fetcher.fetch(url, cap, param), "remote"
+            data, source = await self.fetcher.fetch(url, cap, param), "remote"
         budget.spend(len(data), param)
         self.metrics.media_bytes.labels(modality, source).inc(len(data))
-        return mime, data, source
+        return data, source
 
     async def _load(self, part: MediaPart, pool: ModelPool, budget: _RequestBudget) -> PreparedMedia:
         settings = self.settings
         started = time.perf_counter()
-        mime, data, source = await self._read(part.url, part.modality, part.param, budget)
+        data, source = await self._read(part.url, part.modality, part.param, budget)
         loop = asyncio.get_running_loop()
         if part.modality == "image":
             formats = self._formats
@@ -182,9 +221,7 @@ class MediaPreparer:
                 ),
             )
         else:
-            prepared = await loop.run_in_executor(
-                self._executor, prepare_video, data, mime, self._video_caps, part.param
-            )
+            prepared = await loop.run_in_executor(self._executor, prepare_video, data, self._video_caps, part.param)
         self.metrics.media_items.labels(part.modality, source).inc()
         self.metrics.media_prepare_seconds.labels(part.modality, source).observe(time.perf_counter() - started)
         return prepared
@@ -196,11 +233,15 @@ class MediaPreparer:
         """
         budget = _RequestBudget(self.settings.max_request_bytes)
         formats, max_pixels = self._formats, self.settings.max_decode_pixels
+        remote = [param for url, param in urls if not url.startswith("data:")]
+        cap = self.settings.max_remote_images_per_request
+        if len(remote) > cap:  # counted before any fetch, as chat's limit_mm_per_prompt is
+            raise InvalidRequest(f"At most {cap} remote image URLs per request.", param=remote[cap])
         loop = asyncio.get_running_loop()
 
         async def one(url: str, param: str) -> T:
             started = time.perf_counter()
-            _mime, data, source = await self._read(url, "image", param, budget)
+            data, source = await self._read(url, "image", param, budget)
             result = await loop.run_in_executor(
                 self._executor,
                 lambda: transform(decode_image(data, max_decode_pixels=max_pixels, formats=formats, param=param)),

@@ -25,6 +25,18 @@ VIDEO_MIN_PIXELS = 128 * 28 * 28
 VIDEO_MAX_PIXELS = 768 * 28 * 28
 
 
+# The container the probe found decides the media type sent on, never the client's label: vLLM then decodes
+# by the same path the gateway checked. Containers outside this list are refused.
+CONTAINER_TYPES = {"mp4": "video/mp4", "mov": "video/mp4", "matroska": "video/webm", "webm": "video/webm"}
+
+
+def _sniffed_type(format_name: str) -> str | None:
+    for name in format_name.split(","):
+        if name in CONTAINER_TYPES:
+            return CONTAINER_TYPES[name]
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class VideoCaps:
     max_seconds: float
@@ -33,9 +45,12 @@ class VideoCaps:
     max_frame_pixels: int
 
 
-def prepare_video(data: bytes, mime: str, caps: VideoCaps, param: str) -> PreparedMedia:
+def prepare_video(data: bytes, caps: VideoCaps, param: str) -> PreparedMedia:
     try:
         with av.open(io.BytesIO(data), mode="r") as container:
+            media_type = _sniffed_type(container.format.name)
+            if media_type is None:
+                raise VideoRefused("The video's container is not accepted (MP4, MOV, WebM, Matroska).", param=param)
             if not container.streams.video:
                 raise VideoRefused("The video has no video stream.", param=param)
             stream = container.streams.video[0]
@@ -61,7 +76,6 @@ def prepare_video(data: bytes, mime: str, caps: VideoCaps, param: str) -> Prepar
     sampled = min(MAX_SAMPLED_FRAMES, max(TEMPORAL_PATCH, math.ceil(seconds * SAMPLED_FPS)))
     frame_h, frame_w = smart_resize(height, width, VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS)
     tokens = math.ceil(sampled / TEMPORAL_PATCH) * (frame_h // PATCH) * (frame_w // PATCH)
-    media_type = mime if mime.startswith("video/") else "video/mp4"
     return PreparedMedia(
         data_url=f"data:{media_type};base64," + base64.b64encode(data).decode(),
         sha256=hashlib.sha256(data).hexdigest(),

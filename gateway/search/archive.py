@@ -12,7 +12,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from gateway.search.collection import META_NAME
+from gateway.search.collection import META_NAME, CollectionMeta
 from gateway.search.store import SNAPSHOT_NAME, WAL_NAME
 
 MEMBERS = (META_NAME, SNAPSHOT_NAME, WAL_NAME)
@@ -41,6 +41,9 @@ def restore_collection(index_dir: Path, archive: Path) -> str:
             if len(parts) != 2 or parts[1] not in MEMBERS or not member.isfile():
                 raise ValueError(f"unexpected member in export: {member.name}")
         tar.extractall(staging, filter="data")
+        meta = CollectionMeta.load((Path(staging) / name / META_NAME).read_bytes())  # ValueError if malformed
+        if meta.name != name:
+            raise ValueError("the export's collection document names another collection")
         target = index_dir / name
         if target.exists():
             raise FileExistsError(f"collection '{name}' already exists under {index_dir}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+from pydantic import ValidationError
 
 from gateway.search.config import IndexSpec
 from gateway.search.index import Filter, Hit, Shard
@@ -19,6 +21,7 @@ from gateway.search.store import CollectionStore, CorruptIndex, Record, Snapshot
 
 log = logging.getLogger("gateway.search")
 META_NAME = "collection.json"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as the API's collection names
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class CollectionMeta:
     encoder: str | None  # the encoder whose vectors it holds; None for vector-only collections
     index: IndexSpec
     created: int
+    owner: str | None = None  # the namespace whose admin created it; None (older collections): operators only
 
     def dump(self) -> bytes:
         return orjson.dumps(
@@ -37,13 +41,37 @@ class CollectionMeta:
                 "encoder": self.encoder,
                 "index": self.index.model_dump(),
                 "created": self.created,
+                "owner": self.owner,
             }
         )
 
     @classmethod
     def load(cls, raw: bytes) -> CollectionMeta:
-        data = orjson.loads(raw)
-        return cls(data["name"], data["dim"], data["encoder"], IndexSpec(**data["index"]), data["created"])
+        """Parse and check a collection document; ValueError (with a reason fit for readiness) if malformed."""
+        try:
+            data = orjson.loads(raw)
+            meta = cls(
+                data["name"],
+                data["dim"],
+                data["encoder"],
+                IndexSpec(**data["index"]),
+                data["created"],
+                data.get("owner"),
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValidationError):
+            raise ValueError("its collection document is malformed") from None
+        valid = (
+            isinstance(meta.name, str)
+            and NAME_PATTERN.fullmatch(meta.name) is not None
+            and isinstance(meta.dim, int)
+            and 1 <= meta.dim <= 8192
+            and (meta.encoder is None or isinstance(meta.encoder, str))
+            and isinstance(meta.created, int)
+            and (meta.owner is None or isinstance(meta.owner, str))
+        )
+        if not valid:
+            raise ValueError("its collection document is malformed")
+        return meta
 
 
 class Collection:
@@ -90,12 +118,19 @@ class Collection:
             self.records_since_snapshot = replayed
             if self.store.snapshot_path.exists():
                 self.last_snapshot = self.store.snapshot_path.stat().st_mtime
-        except (CorruptIndex, ValueError, KeyError, OSError) as exc:
-            self.state, self.error = "corrupt", f"collection '{self.meta.name}' cannot be loaded: {exc}"
-            log.error("%s", self.error)
+        except (CorruptIndex, ValueError, KeyError) as exc:
+            self.fail(f"collection '{self.meta.name}' cannot be loaded: {exc}")
+            return
+        except OSError as exc:  # the reason without the path: readiness and API errors show no file names
+            log.error("collection %s: %s", self.meta.name, exc)
+            self.fail(f"collection '{self.meta.name}' cannot be loaded: {exc.strerror or 'I/O error'}")
             return
         self.store.open_wal()
         log.info("collection %s: %d items, %d WAL records replayed", self.meta.name, self.count(), replayed)
+
+    def fail(self, reason: str) -> None:
+        self.state, self.error = "corrupt", reason
+        log.error("%s", reason)
 
     def _shard(self, namespace: str) -> Shard:
         shard = self.shards.get(namespace)
@@ -116,24 +151,30 @@ class Collection:
         return sum(len(shard) for shard in self.shards.values())
 
     async def write(self, records: list[Record]) -> None:
-        """Sequence, log + fsync in the writer thread, then apply. Returns only once the records are durable."""
+        """Sequence, then log + fsync + apply in the writer thread. Returns only once the records are durable.
+        Applying there too keeps the shard locks (which a long search holds) off the event loop."""
         async with self._lock:
             first = self.seq + 1
             for offset, record in enumerate(records):
                 record.seq = first + offset
-            await asyncio.get_running_loop().run_in_executor(self._writer, self.store.append, records)
-            self.seq += len(records)
-            for record in records:
-                self._apply(record)
-            self.records_since_snapshot += len(records)
+            await asyncio.get_running_loop().run_in_executor(self._writer, self._append_and_apply, records)
+
+    def _append_and_apply(self, records: list[Record]) -> None:
+        self.store.append(records)  # raises before anything is applied or counted
+        self.seq += len(records)
+        for record in records:
+            self._apply(record)
+        self.records_since_snapshot += len(records)
 
     async def snapshot(self) -> None:
         async with self._lock:
-            shards = {ns: shard.items() for ns, shard in self.shards.items() if len(shard)}
-            snapshot = Snapshot(seq=self.seq, shards=shards)
-            await asyncio.get_running_loop().run_in_executor(self._writer, self.store.write_snapshot, snapshot)
-            self.records_since_snapshot = 0
-            self.last_snapshot = time.time()
+            await asyncio.get_running_loop().run_in_executor(self._writer, self._write_snapshot)
+
+    def _write_snapshot(self) -> None:
+        shards = {ns: shard.items() for ns, shard in self.shards.items() if len(shard)}
+        self.store.write_snapshot(Snapshot(seq=self.seq, shards=shards))
+        self.records_since_snapshot = 0
+        self.last_snapshot = time.time()
 
     def get(self, namespace: str, item_id: str) -> Hit | None:
         shard = self.shards.get(namespace)

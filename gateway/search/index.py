@@ -10,7 +10,6 @@ swapped in under the lock once complete.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -90,45 +89,27 @@ class Shard:
             return [self._ids[r] for r in rows], [self._metadata[r] for r in rows], self._vectors[rows].copy()
 
     def search(self, query: np.ndarray, top_k: int, where: Filter | None) -> list[Hit]:
+        """Scores rows [0, count) as of the call. Only references and the liveness mask are taken under the lock:
+        rows below `count` are never rewritten (an upsert appends, growing swaps in a new array), so the filter
+        and the scoring run without it and a slow filter never holds up writers or readers."""
         with self._lock:
             count = len(self._ids)
             if count == 0 or not self._rows:
                 return []
-            mask = self._alive[:count]  # read under the lock; copied only when a filter narrows it
-            if where is not None:
-                mask = mask & np.fromiter((where(m) for m in self._metadata), bool, count)
-            if self._ann is not None and where is None:
-                rows, scores = self._ann_candidates(query, top_k, mask)
-            else:
-                rows, scores = self._exact(query, top_k, mask, 0, count)
-            return [
-                Hit(self._ids[r], float(s), self._metadata[r], self._vectors[r].copy())
-                for r, s in zip(rows, scores, strict=True)
-            ]
-
-    def _exact(
-        self, query: np.ndarray, top_k: int, mask: np.ndarray, start: int, stop: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        scores = self._vectors[start:stop] @ query
-        scores[~mask[start:stop]] = -np.inf
-        k = min(top_k, int(mask[start:stop].sum()))
-        if k == 0:
-            return np.zeros(0, int), np.zeros(0, np.float32)
-        best = np.argpartition(-scores, k - 1)[:k]
-        best = best[np.argsort(-scores[best])]
-        return best + start, scores[best]
-
-    def _ann_candidates(self, query: np.ndarray, top_k: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        covered = self._ann_rows
-        fetch = min(covered, top_k + min(self._dead, covered) + 8)  # enough to survive retired rows
-        scores, rows = self._ann.search(query.reshape(1, -1), fetch)
-        keep = (rows[0] >= 0) & mask[np.clip(rows[0], 0, None)]
-        ann_rows, ann_scores = rows[0][keep], scores[0][keep]
-        delta_rows, delta_scores = self._exact(query, top_k, mask, covered, len(self._ids))
-        all_rows = np.concatenate([ann_rows, delta_rows])
-        all_scores = np.concatenate([ann_scores, delta_scores])
-        order = np.argsort(-all_scores)[:top_k]
-        return all_rows[order], all_scores[order]
+            view = _View(self._vectors, self._alive[:count].copy(), self._ids, self._metadata, count)
+            ann, ann_rows, dead = self._ann, self._ann_rows, self._dead
+        mask = view.alive
+        if where is not None:
+            metadata = view.metadata
+            mask &= np.fromiter((where(metadata[r]) for r in range(count)), bool, count)
+        if ann is not None and where is None:
+            rows, scores = _ann_candidates(view, ann, ann_rows, dead, query, top_k, mask)
+        else:
+            rows, scores = _exact(view.vectors, query, top_k, mask, 0, count)
+        return [
+            Hit(view.ids[r], float(s), view.metadata[r], view.vectors[r].copy())
+            for r, s in zip(rows, scores, strict=True)
+        ]
 
     # -- the accelerator -----------------------------------------------------------------------------------
     def _maybe_rebuild(self) -> None:
@@ -152,8 +133,40 @@ class Shard:
             self._building = False
         self._maybe_rebuild()
 
-    def wait_for_build(self, timeout: float = 60.0) -> None:
-        """For tests and benchmarks: block until no build is running."""
-        deadline = time.monotonic() + timeout
-        while self._building and time.monotonic() < deadline:
-            time.sleep(0.01)
+
+@dataclass(slots=True)
+class _View:
+    """What one search reads: the arrays and lists as they were under the lock, and its own liveness mask."""
+
+    vectors: np.ndarray
+    alive: np.ndarray
+    ids: list[str]
+    metadata: list[dict[str, Any]]
+    count: int
+
+
+def _exact(
+    vectors: np.ndarray, query: np.ndarray, top_k: int, mask: np.ndarray, start: int, stop: int
+) -> tuple[np.ndarray, np.ndarray]:
+    scores = vectors[start:stop] @ query
+    scores[~mask[start:stop]] = -np.inf
+    k = min(top_k, int(mask[start:stop].sum()))
+    if k == 0:
+        return np.zeros(0, int), np.zeros(0, np.float32)
+    best = np.argpartition(-scores, k - 1)[:k]
+    best = best[np.argsort(-scores[best])]
+    return best + start, scores[best]
+
+
+def _ann_candidates(
+    view: _View, ann: Any, covered: int, dead: int, query: np.ndarray, top_k: int, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    fetch = min(covered, top_k + min(dead, covered) + 8)  # enough to survive retired rows
+    scores, rows = ann.search(query.reshape(1, -1), fetch)
+    keep = (rows[0] >= 0) & mask[np.clip(rows[0], 0, None)]
+    ann_rows, ann_scores = rows[0][keep], scores[0][keep]
+    delta_rows, delta_scores = _exact(view.vectors, query, top_k, mask, covered, view.count)
+    all_rows = np.concatenate([ann_rows, delta_rows])
+    all_scores = np.concatenate([ann_scores, delta_scores])
+    order = np.argsort(-all_scores)[:top_k]
+    return all_rows[order], all_scores[order]

@@ -18,35 +18,59 @@ from typing import Any
 import numpy as np
 import orjson
 
+from gateway.access.keys import Identity
 from gateway.config import SearchSettings
 from gateway.embeddings.service import EmbeddingsService
 from gateway.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable, StorageFailed
 from gateway.metrics import GatewayMetrics
-from gateway.protocol.search import Content, CreateCollection, Item, SearchRequest
 from gateway.search.collection import META_NAME, Collection, CollectionMeta
+from gateway.search.config import IndexSpec
 from gateway.search.index import Filter
+from gateway.search.protocol import Content, CreateCollection, Item, SearchRequest
 from gateway.search.store import Record
 
 log = logging.getLogger("gateway.search")
 
 
+def _reason(exc: Exception) -> str:
+    """Why a collection cannot load, without file paths (readiness and API errors show no file names)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or "I/O error"
+    return str(exc)
+
+
 def compile_filter(spec: dict[str, Any] | None) -> Filter | None:
-    """A predicate on metadata: each key equals its value, or is one of {"in": [values]}."""
+    """A predicate on metadata: each key equals its value, or is one of {"in": [values]}. Membership is a set
+    lookup (the request model bounds the lists), and values compare as JSON does: `true` is not `1`."""
     if not spec:
         return None
-    conditions: list[tuple[str, list[Any]]] = []
+    conditions: list[tuple[str, frozenset[tuple[str, Any]]]] = []
     for key, value in spec.items():
         if isinstance(value, dict):
             if set(value) != {"in"}:
                 raise InvalidRequest(f"filter.{key} must be a value or {{'in': [values]}}.", param=f"filter.{key}")
-            conditions.append((key, list(value["in"])))
+            allowed = value["in"]
         else:
-            conditions.append((key, [value]))
+            allowed = [value]
+        conditions.append((key, frozenset(_typed(v) for v in allowed)))
 
     def matches(metadata: dict[str, Any]) -> bool:
-        return all(metadata.get(key) in allowed for key, allowed in conditions)
+        for key, allowed in conditions:
+            value = metadata.get(key)
+            if isinstance(value, dict | list) or _typed(value) not in allowed:
+                return False
+        return True
 
     return matches
+
+
+def _typed(value: Any) -> tuple[str, Any]:
+    """A hashable key that keeps JSON's types apart (Python's `True == 1` and `1 == 1.0` would merge them)."""
+    if isinstance(value, bool) or value is None:
+        return ("literal", value)
+    if isinstance(value, int | float):
+        return ("number", value)  # 1 and 1.0 are one JSON number, and equal (with equal hashes) in Python too
+    return (type(value).__name__, value)
 
 
 class SearchService:
@@ -66,7 +90,15 @@ class SearchService:
         root.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         for directory in sorted(p for p in root.iterdir() if (p / META_NAME).is_file()):
-            meta = CollectionMeta.load((directory / META_NAME).read_bytes())
+            try:
+                meta = CollectionMeta.load((directory / META_NAME).read_bytes())
+            except (ValueError, OSError) as exc:
+                # One bad document (say, a restored archive) must not stop the gateway: readiness names it.
+                meta = CollectionMeta(directory.name, 1, None, IndexSpec(), 0)
+                collection = Collection(directory, meta, self._writer)
+                collection.fail(f"collection '{directory.name}' cannot be loaded: {_reason(exc)}")
+                self.collections[directory.name] = collection
+                continue
             collection = Collection(directory, meta, self._writer)
             await loop.run_in_executor(self._writer, collection.load)
             self.collections[meta.name] = collection
@@ -108,7 +140,15 @@ class SearchService:
             raise ServiceUnavailable(collection.error or "The collection is not available.")
         return collection
 
-    async def create(self, request: CreateCollection) -> dict[str, Any]:
+    def _administered(self, name: str, actor: Identity) -> Collection:
+        """A collection the actor may administer: one its namespace created, or any with the operator scope.
+        Another namespace's collection reads as missing, as its items do."""
+        collection = self.collections.get(name)
+        if collection is not None and ("operator" in actor.scopes or collection.meta.owner == actor.namespace):
+            return collection
+        raise NotFound(f"The collection '{name}' does not exist.", param="collection")
+
+    async def create(self, request: CreateCollection, owner: str) -> dict[str, Any]:
         # The name is claimed before the first await: two concurrent creates of one name must not both reach the
         # directory (the second would remove the first one's files as crash leftovers).
         if request.name in self.collections or request.name in self._creating:
@@ -121,7 +161,7 @@ class SearchService:
             if dim is None:
                 encoder = await self._encoder()
                 encoder_id, dim = encoder.model_id, encoder.dim
-            meta = CollectionMeta(request.name, dim, encoder_id, request.index, int(time.time()))
+            meta = CollectionMeta(request.name, dim, encoder_id, request.index, int(time.time()), owner)
             directory = self.settings.index_dir / request.name
             if directory.exists():  # leftovers of a deletion interrupted by a crash
                 shutil.rmtree(directory)
@@ -133,10 +173,9 @@ class SearchService:
             self._creating.discard(request.name)
         return collection.describe()
 
-    async def delete_collection(self, name: str) -> None:
-        collection = self.collections.pop(name, None)
-        if collection is None:
-            raise NotFound(f"The collection '{name}' does not exist.", param="collection")
+    async def delete_collection(self, name: str, actor: Identity) -> None:
+        collection = self._administered(name, actor)
+        del self.collections[name]
         collection.close()
         await asyncio.get_running_loop().run_in_executor(self._writer, shutil.rmtree, collection.directory)
 
@@ -150,7 +189,8 @@ class SearchService:
             out.append(info)
         return out
 
-    async def snapshot(self, name: str) -> None:
+    async def snapshot(self, name: str, actor: Identity) -> None:
+        self._administered(name, actor)
         await self._get(name).snapshot()
 
     # -- items -----------------------------------------------------------------------------------------------
@@ -161,7 +201,7 @@ class SearchService:
             raise ServiceUnavailable("The embedding model is not available.", headers={"Retry-After": "5"})
         return self.embeddings.encoder
 
-    async def _vectors(self, collection: Collection, contents: list[Content], param: str) -> np.ndarray:
+    async def _vectors(self, collection: Collection, contents: list[Content], params: list[str]) -> np.ndarray:
         """L2-normalised vectors for contents, embedding texts and images in one batch each."""
         out = np.zeros((len(contents), collection.meta.dim), np.float32)
         to_embed: list[tuple[int, Any]] = []
@@ -169,11 +209,11 @@ class SearchService:
             if content.vector is not None:
                 if len(content.vector) != collection.meta.dim:
                     raise InvalidRequest(
-                        f"The vector must have {collection.meta.dim} dimensions.", param=f"{param}[{i}].vector"
+                        f"The vector must have {collection.meta.dim} dimensions.", param=f"{params[i]}.vector"
                     )
                 out[i] = content.vector
             elif collection.meta.encoder is None:
-                raise InvalidRequest("This collection holds vectors only; send `vector`.", param=f"{param}[{i}]")
+                raise InvalidRequest("This collection holds vectors only; send `vector`.", param=params[i])
             else:
                 to_embed.append(
                     (
@@ -185,12 +225,14 @@ class SearchService:
                 )
         if to_embed:
             encoder = await self._encoder()
-            vectors = await self.embeddings.embed_items(encoder, [item for _, item in to_embed], param)
+            vectors = await self.embeddings.embed_items(
+                encoder, [item for _, item in to_embed], [params[i] for i, _ in to_embed]
+            )
             out[[i for i, _ in to_embed]] = vectors
         norms = np.linalg.norm(out, axis=1)
         zero = np.flatnonzero(norms < 1e-12)
         if len(zero):
-            raise InvalidRequest("A zero vector cannot be indexed or searched.", param=f"{param}[{int(zero[0])}]")
+            raise InvalidRequest("A zero vector cannot be indexed or searched.", param=params[int(zero[0])])
         normalised: np.ndarray = out / norms[:, None]
         return normalised
 
@@ -212,7 +254,7 @@ class SearchService:
                 raise InvalidRequest(
                     f"Metadata is limited to {self.settings.max_metadata_bytes} bytes.", param=f"items[{i}].metadata"
                 )
-        vectors = await self._vectors(collection, list(items), "items")
+        vectors = await self._vectors(collection, list(items), [f"items[{i}]" for i in range(len(items))])
         records = [
             Record(0, "upsert", namespace, item.id, item.metadata, vector)
             for item, vector in zip(items, vectors, strict=True)
@@ -222,7 +264,7 @@ class SearchService:
 
     async def delete_item(self, name: str, namespace: str, item_id: str) -> bool:
         collection = self._get(name)
-        if collection.get(namespace, item_id) is None:
+        if await asyncio.to_thread(collection.get, namespace, item_id) is None:  # the shard lock: off the loop
             return False
         await self._write(collection, [Record(0, "delete", namespace, item_id)])
         return True
@@ -259,8 +301,8 @@ class SearchService:
         self.metrics.index_items.labels(collection.meta.name).set(collection.count())
         self.metrics.index_snapshot_timestamp.labels(collection.meta.name).set(collection.last_snapshot)
 
-    def get(self, name: str, namespace: str, item_id: str) -> dict[str, Any]:
-        hit = self._get(name).get(namespace, item_id)
+    async def get(self, name: str, namespace: str, item_id: str) -> dict[str, Any]:
+        hit = await asyncio.to_thread(self._get(name).get, namespace, item_id)  # the shard lock: off the loop
         if hit is None:
             raise NotFound(f"No item '{item_id}' in collection '{name}'.", param="id")
         return {"object": "item", "id": hit.item_id, "metadata": hit.metadata, "vector": hit.vector.tolist()}
@@ -270,7 +312,7 @@ class SearchService:
         if request.top_k > self.settings.max_top_k:
             raise InvalidRequest(f"top_k must be at most {self.settings.max_top_k}.", param="top_k")
         where = compile_filter(request.filter)
-        query = (await self._vectors(collection, [request.query], "query"))[0]
+        query = (await self._vectors(collection, [request.query], ["query"]))[0]
         started = time.perf_counter()
         hits = await asyncio.to_thread(collection.search, namespace, query, request.top_k, where)
         self.metrics.search_seconds.labels(collection.meta.name).observe(time.perf_counter() - started)

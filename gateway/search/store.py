@@ -127,7 +127,7 @@ class CollectionStore:
             offset = header_end + length
         if offset < len(data):
             if _any_valid_record_after(data, offset + 1):
-                raise CorruptIndex(f"{self.wal_path}: damaged record at byte {offset} followed by valid ones")
+                raise CorruptIndex(f"its write-ahead log has a damaged record at byte {offset} followed by valid ones")
             with open(self.wal_path, "r+b") as wal:
                 wal.truncate(offset)
                 os.fsync(wal.fileno())
@@ -172,11 +172,11 @@ class CollectionStore:
             return Snapshot()
         data = self.snapshot_path.read_bytes()
         if len(data) < SNAPSHOT_HEADER.size + 4:
-            raise CorruptIndex(f"{self.snapshot_path}: truncated")
+            raise CorruptIndex("its snapshot is truncated")
         body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
         magic, head_length = SNAPSHOT_HEADER.unpack_from(body)
         if magic != SNAPSHOT_MAGIC or zlib.crc32(body) != crc:
-            raise CorruptIndex(f"{self.snapshot_path}: checksum mismatch")
+            raise CorruptIndex("its snapshot fails its checksum")
         layout = orjson.loads(body[SNAPSHOT_HEADER.size : SNAPSHOT_HEADER.size + head_length])
         blobs = memoryview(body)[SNAPSHOT_HEADER.size + head_length :]
         snapshot = Snapshot(seq=layout["seq"])

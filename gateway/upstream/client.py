@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from dataclasses import dataclass
 
 import aiohttp
@@ -23,11 +24,20 @@ from gateway.errors import (
     error_for_status,
 )
 from gateway.metrics import GatewayMetrics
+from gateway.upstream.errors import TransportError, TransportTimeout, map_upstream_errors
+from gateway.upstream.lease import Lease, Verdict
 from gateway.upstream.pool import Replica, ReplicaSet
 
 log = logging.getLogger("gateway.upstream")
 
 MAX_UPSTREAM_MESSAGE = 2048
+# An upstream message passes on only if it reads as a plain sentence: nothing that looks like a traceback, a
+# Python repr, a memory address, a file path, or a network address of the replica or anything behind it.
+INTERNAL_DETAIL = re.compile(
+    r"Traceback|File \"|\bat 0x[0-9a-fA-F]+|0x[0-9a-fA-F]{6,}|<[A-Za-z_][\w.]* object|\w+Error\(|\w+Exception\("
+    r"|(?:^|[\s'\"(=])/(?:[\w.-]+/)+[\w.-]*|[A-Za-z]:\\|\.py\b|https?://|\b\d{1,3}(?:\.\d{1,3}){3}\b|\[[0-9a-fA-F:]+\]"
+    r"|\blocalhost\b"
+)
 RETRYABLE_STATUSES = (429, 503)
 
 
@@ -50,11 +60,15 @@ def create_session(settings: Settings) -> aiohttp.ClientSession:
 
 @dataclass(slots=True)
 class OpenedUpstream:
-    """A replica that answered 200 and the first chunk of its body (empty if the body was empty)."""
+    """A replica that answered 200 (its lease, still held) and the first chunk of its body (empty if none)."""
 
-    replica: Replica
+    lease: Lease
     response: aiohttp.ClientResponse
     first_chunk: bytes
+
+    @property
+    def replica(self) -> Replica:
+        return self.lease.replica
 
 
 def _retry_after(response: aiohttp.ClientResponse, default: float) -> float:
@@ -66,14 +80,17 @@ def _retry_after(response: aiohttp.ClientResponse, default: float) -> float:
 
 
 async def upstream_client_error(response: aiohttp.ClientResponse) -> GatewayError:
-    """An upstream 4xx keeps its status; its message is kept only if it is a plain, short OpenAI-style one."""
+    """An upstream 4xx keeps its status; its message is kept only if it is a plain, short OpenAI-style one that
+    shows nothing internal (else the generic message stands in)."""
     message: str | None = None
     try:
-        payload = orjson.loads(await response.content.read(64 * 1024))
+        with map_upstream_errors():
+            raw = await response.content.read(64 * 1024)
+        payload = orjson.loads(raw)
         candidate = payload.get("error", {}).get("message") if isinstance(payload, dict) else None
-        if isinstance(candidate, str):
+        if isinstance(candidate, str) and not INTERNAL_DETAIL.search(candidate[:MAX_UPSTREAM_MESSAGE]):
             message = candidate[:MAX_UPSTREAM_MESSAGE]
-    except (orjson.JSONDecodeError, aiohttp.ClientError, TimeoutError, AttributeError):
+    except (orjson.JSONDecodeError, TransportError, TimeoutError, AttributeError):
         pass
     error = error_for_status(response.status, message or "The model server rejected the request.")
     if message and "maximum context length" in message:
@@ -111,8 +128,8 @@ class UpstreamClient:
         """Send the request, failing over to another replica until one yields its status and first chunk.
 
         Failover happens only here, before anything reached the client: connect errors and resets try the next
-        replica; a 429/503 cools the replica down and is retried once elsewhere. The opened replica stays
-        acquired; the caller releases it once the relay is done.
+        replica; a 429/503 cools the replica down and is retried once elsewhere. The opened replica's lease is
+        the caller's to settle once the relay is done.
         """
         model = replicas.pool.name
         tried: set[Replica] = set()
@@ -127,21 +144,19 @@ class UpstreamClient:
                     break
                 self.metrics.upstream_retries.labels(model).inc()
             tried.add(replica)
-            replicas.acquire(replica)
+            lease = Lease.acquire(replicas, replica)
             try:
-                return await self._open_one(replica, path, body, request_id, replicas.pool.timeouts)
+                return await self._open_one(lease, path, body, request_id, replicas.pool.timeouts)
             except _ReplicaUnreachable as exc:
-                replicas.release(replica)
+                lease.settle(Verdict.UNREACHABLE)
                 self.metrics.upstream_errors.labels(model, "connect").inc()
                 log.warning("replica %s unreachable (%s); trying another", replica.base_url, exc.reason)
-                replicas.mark_down(replica)
                 last_error = ServiceUnavailable(
                     f"No replica of model '{model}' accepted the connection.", headers={"Retry-After": "1"}
                 )
             except _ReplicaSaturated as exc:
-                replicas.release(replica)
+                lease.settle(Verdict.SATURATED, cooldown=exc.retry_after or self.settings.replica_cooldown)
                 self.metrics.upstream_errors.labels(model, "status_429" if exc.status == 429 else "status_5xx").inc()
-                replicas.cool_down(replica, exc.retry_after or self.settings.replica_cooldown)
                 error_cls = RateLimited if exc.status == 429 else ServiceUnavailable
                 last_error = error_cls(
                     f"Every replica of model '{model}' is saturated; retry later.",
@@ -151,16 +166,13 @@ class UpstreamClient:
                     raise last_error from None
                 saturated_retry_used = True
             except (UpstreamError, UpstreamTimeout):
-                replicas.release(replica)
-                replicas.record_failure(replica)
+                lease.settle(Verdict.FAILED)
                 raise
             except GatewayError:  # an upstream 4xx: the replica answered properly
-                replicas.release(replica)
-                replicas.record_success(replica)
+                lease.settle(Verdict.SUCCEEDED)
                 raise
             except BaseException:  # cancelled (the client left): the probe, if any, decided nothing
-                replicas.release(replica)
-                replica.probing = False
+                lease.settle(Verdict.ABANDONED)
                 raise
         if replicas.scaled_to_zero:  # no replica to try at all, so there is no last_error either
             message = f"Model '{model}' has no replica running (scaled to zero); one is starting, retry shortly."
@@ -171,15 +183,17 @@ class UpstreamClient:
         )
 
     async def _open_one(
-        self, replica: Replica, path: str, body: bytes, request_id: str, timeouts: Timeouts
+        self, lease: Lease, path: str, body: bytes, request_id: str, timeouts: Timeouts
     ) -> OpenedUpstream:
+        replica = lease.replica
         headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
         per_request = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect)
         url = replica.base_url + path
         response: aiohttp.ClientResponse | None = None
         try:
             async with asyncio.timeout(timeouts.first_token):
-                response = await self.session.post(url, data=body, headers=headers, timeout=per_request)
+                with map_upstream_errors():
+                    response = await self.session.post(url, data=body, headers=headers, timeout=per_request)
                 if response.status in RETRYABLE_STATUSES:
                     retry_after = _retry_after(response, 0.0)
                     response.release()
@@ -193,18 +207,19 @@ class UpstreamClient:
                     error = await upstream_client_error(response)
                     response.release()
                     raise error
-                first_chunk = await response.content.readany()
-        except TimeoutError:
+                with map_upstream_errors():
+                    first_chunk = await response.content.readany()
+        except (TimeoutError, TransportTimeout):
             if response is not None:
                 response.close()
             self.metrics.upstream_errors.labels(replica.model, "timeout_first_token").inc()
             raise UpstreamTimeout("The model server did not start answering in time.") from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+        except TransportError as exc:
             if response is not None:
                 response.close()
             # Nothing has reached the client yet, so trying another replica is safe.
-            raise _ReplicaUnreachable(type(exc).__name__) from None
-        return OpenedUpstream(replica, response, first_chunk)
+            raise _ReplicaUnreachable(exc.reason) from None
+        return OpenedUpstream(lease, response, first_chunk)
 
 
 class _ReplicaUnreachable(Exception):

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 import aiohttp
 from prometheus_client import Gauge
 
-from gateway.admission import Gate
 from gateway.config import ModelPool, Settings
 from gateway.metrics import GatewayMetrics
 from gateway.upstream.discovery import DiscoveryFailed, Resolver, discover, system_resolver
+from gateway.upstream.errors import TransportError, map_upstream_errors
+from gateway.upstream.gate import Gate
 
 log = logging.getLogger("gateway.pool")
 
@@ -165,22 +166,29 @@ class Pools:
             for pool in settings.models
         }
         self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
 
     def get(self, model: str) -> ReplicaSet | None:
         return self.by_model.get(model)
 
-    async def start(self, session: aiohttp.ClientSession) -> None:
+    async def start(self) -> None:
         """Discover once before the first request (a discovered pool starts with its replicas), then keep
-        health-checking and re-discovering in the background."""
+        health-checking and re-discovering in the background.
+
+        Health checks have their own small connection pool: with the request pool's connections all held by
+        long streams, a check must not queue behind them, time out and mark a healthy replica down."""
         await self.discover_all()
         if self.by_model:
-            self._task = asyncio.create_task(self._check_forever(session), name="replica-health")
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32, keepalive_timeout=30))
+            self._task = asyncio.create_task(self._check_forever(self._session), name="replica-health")
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._session is not None:
+            await self._session.close()
 
     async def check_all(self, session: aiohttp.ClientSession) -> None:
         checks = [
@@ -222,9 +230,10 @@ class Pools:
     async def _check(self, session: aiohttp.ClientSession, replica_set: ReplicaSet, replica: Replica) -> None:
         timeout = aiohttp.ClientTimeout(total=self.settings.health_check_timeout)
         try:
-            async with session.get(f"{replica.base_url}/health", timeout=timeout) as response:
-                ok = response.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+            with map_upstream_errors():
+                async with session.get(f"{replica.base_url}/health", timeout=timeout) as response:
+                    ok = response.status == 200
+        except (TransportError, TimeoutError):
             ok = False
         if ok:
             replica_set.mark_up(replica)

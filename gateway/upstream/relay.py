@@ -20,6 +20,8 @@ from gateway.config import Timeouts
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout, sse_error_frame
 from gateway.metrics import GatewayMetrics
 from gateway.upstream.client import OpenedUpstream
+from gateway.upstream.errors import TransportError, map_upstream_errors
+from gateway.upstream.lease import Verdict
 
 USAGE_MARK = b'"usage":{'
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
@@ -30,8 +32,14 @@ class RelayOutcome:
     status: int = 200
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    client_gone: bool = False
     upstream_broke: bool = False
+
+    @property
+    def verdict(self) -> Verdict:
+        """What the relay says about the replica (a client that hung up says nothing against it)."""
+        if self.upstream_broke:
+            return Verdict.UNREACHABLE
+        return Verdict.FAILED if self.status == 504 else Verdict.SUCCEEDED
 
 
 def _usage_from(payload: Any) -> tuple[int, int]:
@@ -123,7 +131,8 @@ async def _relay_stream(
         async with asyncio.timeout(None) as budget:
             while True:
                 budget.reschedule(min(loop.time() + timeouts.idle, total_deadline))
-                chunk = await content.readany()
+                with map_upstream_errors():
+                    chunk = await content.readany()
                 # The idle clock covers the replica only: a client reading slowly blocks `send` below, and that
                 # backpressure must not read as a silent replica (it would end the stream and count a failure).
                 budget.reschedule(total_deadline)
@@ -138,13 +147,12 @@ async def _relay_stream(
         kind = "timeout_total" if loop.time() >= total_deadline else "timeout_idle"
         metrics.upstream_errors.labels(model, kind).inc()
         error = UpstreamTimeout("The model server stopped sending tokens.")
-    except (aiohttp.ClientError, ConnectionError):
+    except TransportError:
         if not watch.gone:
             metrics.upstream_errors.labels(model, "broken_stream").inc()
             outcome.upstream_broke = True
             error = UpstreamError("The model server failed in the middle of the stream.")
     if watch.gone:
-        outcome.client_gone = True
         outcome.status = 499
         return outcome
     if error is not None:
@@ -169,13 +177,14 @@ async def _relay_whole(
     remaining = max(0.0, timeouts.total - (time.perf_counter() - started))
     try:
         async with asyncio.timeout(remaining):
-            body = opened.first_chunk + await opened.response.content.read()
+            with map_upstream_errors():
+                body = opened.first_chunk + await opened.response.content.read()
     except TimeoutError:
         metrics.upstream_errors.labels(model, "timeout_total").inc()
         return await _fail(send, UpstreamTimeout(), outcome)
-    except (aiohttp.ClientError, ConnectionError):
+    except TransportError:
         if watch.gone:
-            outcome.client_gone, outcome.status = True, 499
+            outcome.status = 499
             return outcome
         metrics.upstream_errors.labels(model, "broken_stream").inc()
         outcome.upstream_broke = True

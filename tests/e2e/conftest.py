@@ -6,6 +6,7 @@ instead of silently skipping it.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.devstack import ManagedProcess, free_port, vllm_process
+from tests.harness.processes import ManagedProcess, free_port, vllm_process
 from tests.support import RunningGateway, metric_value, run_gateway, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,6 +104,13 @@ def live_replicas(replicas: list[Replica]) -> list[Replica]:
     return replicas
 
 
+def placeholder_ids() -> list[int]:
+    """The tiny checkpoint's own media placeholder ids (real Qwen2.5-VL's are the gateway's defaults)."""
+    config = json.loads((_stack_paths()[1] / "config.json").read_text())
+    names = ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id")
+    return [config[name] for name in names]
+
+
 def gateway_args(tmp_path: Path, replicas: list[Replica], **pool: object) -> list[str]:
     models = [
         {
@@ -110,6 +118,7 @@ def gateway_args(tmp_path: Path, replicas: list[Replica], **pool: object) -> lis
             "upstreams": [r.url for r in replicas],
             "limit_mm_per_prompt": VLLM_LIMITS,
             "max_model_len": MAX_MODEL_LEN,
+            "reserved_token_ids": placeholder_ids(),
             **pool,
         }
     ]

@@ -159,10 +159,10 @@ def test_input_caps(gateway: RunningGateway) -> None:
 
 
 def test_images_obey_the_media_rules(gateway: RunningGateway) -> None:
-    for url, code in (
-        ("http://127.0.0.1:1/x.png", "media_url_refused"),
-        ("file:///etc/passwd", "media_url_refused"),
-        ("data:image/png;base64,aGVsbG8=", "invalid_image"),
+    for url, code, says in (
+        ("http://127.0.0.1:1/x.png", "media_url_refused", "private or reserved address"),
+        ("file:///etc/passwd", "media_url_refused", "must use http or https"),
+        ("data:image/png;base64,aGVsbG8=", "invalid_image", "image"),
     ):
         response = httpx.post(
             f"{gateway.base_url}/v1/embeddings",
@@ -170,8 +170,9 @@ def test_images_obey_the_media_rules(gateway: RunningGateway) -> None:
             headers={"content-type": "application/json"},
         )
         assert response.status_code == 400
-        assert response.json()["error"] == {
-            "message": response.json()["error"]["message"],
+        error = response.json()["error"]
+        assert says in error["message"], error
+        assert {k: error[k] for k in ("type", "param", "code")} == {
             "type": "invalid_request_error",
             "param": "input[0].image_url",
             "code": code,
@@ -199,3 +200,41 @@ def test_models_and_readiness_list_the_encoder(gateway: RunningGateway) -> None:
     card = next(m for m in sdk(gateway).models.list().data if m.id == MODEL)
     assert card.model_extra["capabilities"]["dimensions"] == 64  # type: ignore[index]
     assert MODEL in httpx.get(f"{gateway.base_url}/health/ready").json()["servable_models"]
+
+
+async def test_one_callers_long_texts_do_not_hold_up_anothers_word(
+    tmp_path: Path, log_dir: Path, encoder: OpenClipEncoder
+) -> None:
+    """600 texts of 8,000 characters are cut to what CLIP reads and tokenised a chunk at a time, so a one-word
+    request sent after them is answered first; the long texts embed as their first 77 tokens."""
+    config = write_config(tmp_path / "g.yaml", [], embeddings={"clip_model": "tiny-random"})
+    with run_gateway(["--config", str(config)], log_dir) as running:
+        running.wait_for_encoder()
+        texts = [f"{i}" + "x" * 8_000 for i in range(600)]  # single long words: BPE's slowest case
+        finished: list[str] = []
+        async with httpx.AsyncClient(base_url=running.base_url, timeout=120) as client:
+
+            async def call(name: str, inputs: list[str]) -> httpx.Response:
+                response = await client.post(
+                    "/v1/embeddings", json={"model": MODEL, "input": inputs, "encoding_format": "float"}
+                )
+                finished.append(name)
+                return response
+
+            big = asyncio.create_task(call("big", texts))
+            await asyncio.sleep(0.3)
+            small = await call("small", ["cat"])
+            big_response = await big
+        assert small.status_code == 200 and big_response.status_code == 200, big_response.text
+        assert finished == ["small", "big"]
+        vectors = np.array([row["embedding"] for row in big_response.json()["data"][:2]], np.float32)
+        direct = encoder.encode_text(encoder.tokenize(texts[:2]))
+        assert all(cosine(a, b) > 0.9999 for a, b in zip(vectors, direct, strict=True))
+
+
+def test_remote_image_urls_per_request_are_capped(gateway: RunningGateway) -> None:
+    parts = [{"type": "image_url", "image_url": {"url": f"http://images.example/{i}.png"}} for i in range(17)]
+    response = httpx.post(f"{gateway.base_url}/v1/embeddings", json={"model": MODEL, "input": parts})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "input[16].image_url"
+    assert "At most 16 remote image URLs" in response.json()["error"]["message"]

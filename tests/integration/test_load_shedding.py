@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -60,7 +61,10 @@ async def test_pool_saturation_gauges_follow_queued_and_visual_work(
     async with run_gateway_async(args, log_dir) as gateway:
         work = [asyncio.create_task(_post(gateway, with_image)) for _ in range(3)]
         assert await _eventually(lambda: gateway.metric("gateway_pool_queued_requests", {"model": "m"}) == 2, 3)
-        assert gateway.metric("gateway_pool_visual_tokens_in_flight", {"model": "m"}) == 4, "one 56x56 image open"
+        # The open request counts its image once its replica answered: polled, as the queue gauge is.
+        assert await _eventually(
+            lambda: gateway.metric("gateway_pool_visual_tokens_in_flight", {"model": "m"}) == 4, 3
+        ), "one 56x56 image open"
         assert [r.status_code for r in await asyncio.gather(*work)] == [200] * 3
         assert gateway.metric("gateway_pool_queued_requests", {"model": "m"}) == 0
         assert gateway.metric("gateway_pool_visual_tokens_in_flight", {"model": "m"}) == 0
@@ -191,3 +195,41 @@ async def test_keys_file_changes_apply_without_restart(tmp_path: Path, log_dir: 
         assert "sk-second" not in gateway.log()
         keys_file.write_text("[]\n")
         assert await _eventually_status(gateway, "sk-second", 401), "an empty file lets nobody in"
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+def _noise_png(side: int) -> bytes:
+    out = io.BytesIO()
+    Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(out, format="PNG", compress_level=0)
+    return out.getvalue()
+
+
+async def test_refused_photos_leave_no_memory_behind_and_shedding_recovers(
+    tmp_path: Path, log_dir: Path, fake_a: FakeVllm
+) -> None:
+    """CASES F4: thirty distinct 7 MB photos, each refused for context length, must not pin the gateway in
+    503s: nothing they prepared is kept, and any shedding they cause ends by itself."""
+    pool = {"max_model_len": 256}
+    async with run_gateway_async(_config(tmp_path, fake_a, pool), log_dir) as probe:
+        assert probe.process.proc is not None
+        baseline = _rss_bytes(probe.process.proc.pid)
+    limit = int((baseline + 80 * 1024 * 1024) / 0.9)
+    args = _config(tmp_path, fake_a, pool, memory_limit_bytes=limit)
+    async with run_gateway_async(args, log_dir) as gateway:
+        statuses = []
+        for _ in range(30):
+            url = "data:image/png;base64," + base64.b64encode(_noise_png(1500)).decode()
+            body = {
+                **CHAT,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}],
+            }
+            statuses.append((await _post(gateway, body)).status_code)
+        assert set(statuses) <= {400, 503} and 400 in statuses, statuses
+        recovered = await _eventually(lambda: httpx.get(f"{gateway.base_url}/health/ready").status_code == 200, 20)
+        assert recovered, httpx.get(f"{gateway.base_url}/health/ready").text
+        assert (await _post(gateway, CHAT)).status_code == 200
+        assert fake_a.hits == 1, "no refused photo reached the replica"

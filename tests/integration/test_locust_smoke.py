@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway.devstack import ManagedProcess, free_port
+from tests.harness.processes import ManagedProcess, free_port
 from tests.support import run_gateway, write_config
 
 ROOT = Path(__file__).resolve().parents[2]

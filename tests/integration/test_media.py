@@ -107,8 +107,9 @@ def _error(response: httpx.Response, status: int) -> dict[str, Any]:
     return error
 
 
-def _forwarded_parts(fake: FakeVllm) -> list[dict[str, Any]]:
-    content = orjson.loads(fake.bodies[-1])["messages"][0]["content"]
+def _forwarded_parts(fake: FakeVllm, body: bytes | None = None) -> list[dict[str, Any]]:
+    """The media parts of a forwarded body (the last one by default)."""
+    content = orjson.loads(body if body is not None else fake.bodies[-1])["messages"][0]["content"]
     return [p for p in content if p["type"] != "text"]
 
 
@@ -292,7 +293,8 @@ async def test_same_url_is_fetched_once_for_concurrent_and_repeated_requests(
     assert [r.status_code for r in responses] == [200] * 8
     assert (await _post(trusting, body)).status_code == 200
     assert media_host.hits["/slow/shared.png"] == 1
-    assert len({part["uuid"] for _ in [0] for part in _forwarded_parts(fake_a)}) == 1
+    uuids = {part["uuid"] for body in fake_a.bodies[-9:] for part in _forwarded_parts(fake_a, body)}
+    assert len(fake_a.bodies) >= 9 and len(uuids) == 1, "all nine requests forwarded the same prepared image"
 
 
 async def test_health_and_metrics_answer_while_32_slow_fetches_are_in_flight(
@@ -322,3 +324,58 @@ async def test_visual_token_estimate_is_checked_against_context(
         assert _error(response, 400)["code"] == "context_length_exceeded"
         assert gateway.metric("gateway_media_visual_tokens_count") == 1
     assert fake_a.hits == 0
+
+
+async def test_a_trusted_host_with_a_port_opens_that_port_only(
+    tmp_path: Path, log_dir: Path, fake_a: FakeVllm, media_host: MediaHost
+) -> None:
+    """The gateway trusts the image store's port; the same host's other services (here, the fake replica itself)
+    stay unreachable through an image URL."""
+    async with await _gateway(tmp_path, log_dir, fake_a, trusted_hosts=[f"127.0.0.1:{media_host.port}"]) as gateway:
+        served = await _post(gateway, chat_with(image_part(media_host.url("/files/photo.png"))))
+        assert served.status_code == 200, served.text
+        probing = chat_with(image_part(f"http://127.0.0.1:{fake_a.port}/health"))
+        assert _error(await _post(gateway, probing), 400)["code"] == "media_url_refused"
+    assert fake_a.hits == 1
+
+
+def avi(seconds: float, fps: int) -> bytes:
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="avi") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(round(seconds * fps)):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), i % 255, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()
+
+
+async def test_a_video_goes_on_with_its_sniffed_type_not_its_label(trusting: RunningGateway, fake_a: FakeVllm) -> None:
+    """An MP4 labelled video/jpeg is forwarded as video/mp4 (vLLM decodes what the gateway checked); a container
+    outside the accepted ones is refused."""
+    ok = mp4(seconds=1, fps=10)
+    labelled = {"type": "video_url", "video_url": {"url": data_url(ok, "video/jpeg")}}
+    assert (await _post(trusting, chat_with(labelled))).status_code == 200
+    (part,) = _forwarded_parts(fake_a)
+    assert part["video_url"]["url"] == data_url(ok, "video/mp4")
+    other = {"type": "video_url", "video_url": {"url": data_url(avi(1, 10), "video/mp4")}}
+    error = _error(await _post(trusting, chat_with(other)), 400)
+    assert error["code"] == "invalid_video" and "container" in error["message"]
+    assert fake_a.hits == 1
+
+
+async def test_requests_sharing_a_failed_fetch_each_get_their_own_param(
+    trusting: RunningGateway, media_host: MediaHost
+) -> None:
+    media_host.files["not-an-image.png"] = b"<html>nope</html>"
+    url = media_host.url("/slow/not-an-image.png?delay=0.5")
+    text = {"type": "text", "text": "and"}
+    first, second = await asyncio.gather(
+        _post(trusting, chat_with(image_part(url))), _post(trusting, chat_with(text, text, image_part(url)))
+    )
+    assert _error(first, 400)["param"] == "messages[0].content[1].image_url"
+    assert _error(second, 400)["param"] == "messages[0].content[3].image_url"
+    assert media_host.hits["/slow/not-an-image.png"] == 1, "one fetch shared by both"

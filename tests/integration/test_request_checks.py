@@ -13,8 +13,8 @@ import httpx
 import orjson
 import pytest
 
-from gateway.devstack import free_port
 from tests.fake_upstream import FakeVllm
+from tests.harness.processes import free_port
 from tests.support import RunningGateway, run_gateway_async, write_config
 
 KEY = "sk-test-4c0ffee-very-secret"
@@ -170,7 +170,10 @@ async def test_declared_huge_body_is_413_before_reading(gateway: RunningGateway,
     assert fake_a.hits == 0
 
 
-async def test_chunked_body_over_the_cap_is_413(gateway: RunningGateway, fake_a: FakeVllm) -> None:
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/embeddings", "/v1/search", "/v1/collections"])
+async def test_chunked_body_over_the_cap_is_413(gateway: RunningGateway, fake_a: FakeVllm, path: str) -> None:
+    """Every route, raw or FastAPI's: a body that outgrows the cap without a Content-Length is a 413."""
+
     async def chunks() -> AsyncIterator[bytes]:
         yield b'{"model": "m", "messages": [{"role": "user", "content": "'
         for _ in range(3):
@@ -178,8 +181,9 @@ async def test_chunked_body_over_the_cap_is_413(gateway: RunningGateway, fake_a:
         yield b'"}]}'
 
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
-        response = await client.post("/v1/chat/completions", content=chunks(), headers=AUTH)
+        response = await client.post(path, content=chunks(), headers=AUTH)
     assert _assert_openai_error(response, 413)["code"] == "payload_too_large"
+    assert response.headers["x-request-id"]
     assert fake_a.hits == 0
 
 

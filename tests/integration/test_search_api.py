@@ -15,6 +15,7 @@ from tests.media_server import png_bytes
 from tests.support import RunningGateway, run_gateway, write_config
 
 ADMIN, WRITER_A, READER_A, WRITER_B = "sk-admin-1", "sk-writer-a", "sk-reader-a", "sk-writer-b"
+ADMIN_B, OPERATOR, DEFAULT_KEY, NO_SCOPES = "sk-admin-b", "sk-operator", "sk-default", "sk-none"
 
 
 def _auth(key: str) -> dict[str, str]:
@@ -29,6 +30,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator
         {"key": WRITER_A, "scopes": ["read", "write"], "namespace": "team-a"},
         {"sha256": hash_api_key(READER_A), "scopes": ["read"], "namespace": "team-a"},
         {"key": WRITER_B, "scopes": ["read", "write"], "namespace": "team-b"},
+        {"key": ADMIN_B, "scopes": ["read", "write", "admin"], "namespace": "team-b"},
+        {"key": OPERATOR, "scopes": ["read", "operator"], "namespace": "platform"},
+        {"key": DEFAULT_KEY, "namespace": "team-c"},  # no scopes named: the least, read
+        {"key": NO_SCOPES, "scopes": [], "namespace": "team-c"},
     ]
     config = write_config(
         root / "g.yaml",
@@ -135,6 +140,7 @@ def test_read_only_key_cannot_write_or_administer(gateway: RunningGateway) -> No
         ({"items": [{"id": "m", "text": "a", "metadata": {"blob": "x" * 20_000}}]}, 400),  # metadata cap
         ({"items": [{"id": "i", "image_url": "http://169.254.169.254/latest"}]}, 400),  # media guard applies
         ({"items": [{"id": "n", "text": "a", "metadata": {"n": 2**70}}]}, 400),  # beyond 64-bit: found by schemathesis
+        ({"items": [{"id": "f", "vector": [1e39] + [0.5] * 63}]}, 400),  # beyond float32: would be stored as inf
     ],
 )
 def test_bad_items_are_refused_whole(gateway: RunningGateway, body: dict[str, object], status: int) -> None:
@@ -213,3 +219,124 @@ async def test_concurrent_creates_of_one_name_give_one_201_and_409s(gateway: Run
         assert sorted(r.status_code for r in replies) == [201] + [409] * 7
         added = await client.post("/v1/collections/raced/items", json={"items": [{"id": "a", "text": "a cat"}]})
         assert added.status_code == 200, added.text
+
+
+def test_a_mixed_upsert_names_the_failing_item_by_its_own_index(gateway: RunningGateway) -> None:
+    """Vectors and images in one request: the image error points at the image's own items[i]."""
+    items = [
+        {"id": "v0", "vector": [1.0] * 64},
+        {"id": "v1", "vector": [0.5] * 64},
+        {"id": "ok", "image_url": _image((10, 200, 10))},
+        {"id": "bad", "image_url": "data:image/png;base64,aGVsbG8="},
+    ]
+    response = _client(gateway, WRITER_A).post("/v1/collections/media/items", json={"items": items})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "items[3].image_url"
+    assert _client(gateway, WRITER_A).get("/v1/collections/media/items/v0").status_code == 404, "nothing written"
+
+
+def test_validation_errors_name_the_whole_field_path(gateway: RunningGateway) -> None:
+    """FastAPI's routes use the chat path's mapper: `query.text`, not `text`; no "Value error, " prefix."""
+    reader = _client(gateway, READER_A)
+    too_long = reader.post("/v1/search", json={"collection": "media", "query": {"text": "x" * 20_000}})
+    assert too_long.status_code == 400
+    assert too_long.json()["error"]["param"] == "query.text"
+    two = reader.post("/v1/search", json={"collection": "media", "query": {"text": "a", "vector": [1.0]}})
+    assert two.status_code == 400
+    error = two.json()["error"]
+    assert error["param"] == "query" and not error["message"].startswith("query: Value error")
+
+
+def test_admin_acts_only_on_its_own_namespaces_collections(gateway: RunningGateway) -> None:
+    """One tenant's admin cannot delete or snapshot another's collection; an operator can."""
+    admin_b, operator = _client(gateway, ADMIN_B), _client(gateway, OPERATOR)
+    assert admin_b.delete("/v1/collections/media").status_code == 404
+    assert admin_b.post("/v1/collections/media/snapshot").status_code == 404
+    assert _client(gateway, WRITER_A).get("/v1/collections/media/items/red").status_code in (200, 404)
+    assert (
+        _client(gateway, READER_A).post("/v1/search", json={"collection": "media", "query": {"text": "x"}}).is_success
+    )
+    assert admin_b.post("/v1/collections", json={"name": "b-own", "dimensions": 4}).status_code == 201
+    assert admin_b.post("/v1/collections/b-own/snapshot").status_code == 200
+    assert _client(gateway, ADMIN).delete("/v1/collections/b-own").status_code == 404, "ops' admin is not b's"
+    assert operator.post("/v1/collections/media/snapshot").status_code == 200
+    assert operator.delete("/v1/collections/b-own").status_code == 204
+    assert operator.post("/v1/collections", json={"name": "op-made", "dimensions": 4}).status_code == 201
+
+
+@pytest.mark.parametrize("key", [DEFAULT_KEY, NO_SCOPES])
+def test_least_scoped_keys_reach_only_read_routes(gateway: RunningGateway, key: str) -> None:
+    client = _client(gateway, key)
+    writes = [
+        client.post("/v1/collections/media/items", json={"items": [{"id": "x", "text": "nope"}]}),
+        client.delete("/v1/collections/media/items/x"),
+        client.post("/v1/collections", json={"name": "mine", "dimensions": 4}),
+        client.delete("/v1/collections/media"),
+    ]
+    assert [r.status_code for r in writes] == [403] * 4
+    reads = [
+        client.post("/v1/search", json={"collection": "media", "query": {"text": "red"}}),
+        client.get("/v1/collections"),
+        client.get("/v1/models"),
+        client.post("/v1/embeddings", json={"model": "clip-tiny-random", "input": "a cat"}),
+    ]
+    expected = 200 if key == DEFAULT_KEY else 403
+    assert [r.status_code for r in reads] == [expected] * 4, [r.text for r in reads]
+
+
+def test_filter_lists_are_bounded(gateway: RunningGateway) -> None:
+    reader = _client(gateway, READER_A)
+    query = {"collection": "media", "query": {"text": "x"}}
+    too_long = reader.post("/v1/search", json={**query, "filter": {"k": {"in": list(range(1025))}}})
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"].startswith("filter")
+    spread = {f"k{i}": {"in": list(range(1000))} for i in range(5)}
+    in_all = reader.post("/v1/search", json={**query, "filter": spread})
+    assert in_all.status_code == 400 and "in all" in in_all.json()["error"]["message"]
+    assert reader.post("/v1/search", json={**query, "filter": {"k": {"in": list(range(1024))}}}).status_code == 200
+
+
+def test_json_types_stay_apart_in_filters(gateway: RunningGateway) -> None:
+    writer = _client(gateway, WRITER_B)
+    items = [
+        {"id": "t-true", "vector": [1.0] * 64, "metadata": {"flag": True}},
+        {"id": "t-one", "vector": [1.0] * 64, "metadata": {"flag": 1}},
+        {"id": "t-list", "vector": [1.0] * 64, "metadata": {"flag": [1]}},
+    ]
+    assert writer.post("/v1/collections/media/items", json={"items": items}).status_code == 200
+    query = {"collection": "media", "query": {"vector": [1.0] * 64}, "top_k": 10}
+    ones = writer.post("/v1/search", json={**query, "filter": {"flag": {"in": [1, 2]}}}).json()["data"]
+    trues = writer.post("/v1/search", json={**query, "filter": {"flag": True}}).json()["data"]
+    assert [h["id"] for h in ones] == ["t-one"] and [h["id"] for h in trues] == ["t-true"]
+
+
+async def test_heavy_filtered_searches_never_stall_the_event_loop(gateway: RunningGateway) -> None:
+    """F3: 30,000 items searched with 1,024-value filters by 8 callers at once; liveness, an item GET and a write
+    answer meanwhile (the shard locks and the scans are in worker threads)."""
+    writer = _client(gateway, WRITER_A)
+    assert writer.post("/v1/collections", json={"name": "big", "dimensions": 4}).status_code == 403
+    admin = _client(gateway, ADMIN)
+    assert admin.post("/v1/collections", json={"name": "big", "dimensions": 4}).status_code == 201
+    for start in range(0, 30_000, 1000):
+        batch = [
+            {"id": f"i{n}", "vector": [1.0, n % 7, 1.0, 0.5], "metadata": {"k": n}} for n in range(start, start + 1000)
+        ]
+        assert writer.post("/v1/collections/big/items", json={"items": batch}).status_code == 200
+    body = {
+        "collection": "big",
+        "query": {"vector": [1, 2, 3, 4]},
+        "top_k": 5,
+        "filter": {"k": {"in": list(range(0, 30_000, 30))}},
+    }
+    headers = _auth(WRITER_A)
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=60, headers=headers) as client:
+        searches = [asyncio.create_task(client.post("/v1/search", json=body)) for _ in range(8)]
+        await asyncio.sleep(0.05)
+        live = await client.get("/health/live", timeout=2)
+        got = await client.get("/v1/collections/big/items/i7", timeout=5)
+        wrote = await client.post(
+            "/v1/collections/big/items", json={"items": [{"id": "late", "vector": [1, 1, 1, 1]}]}, timeout=5
+        )
+        results = await asyncio.gather(*searches)
+    assert live.status_code == 200 and got.status_code == 200 and wrote.status_code == 200
+    assert all(r.status_code == 200 and len(r.json()["data"]) == 5 for r in results)
+    assert all(h["metadata"]["k"] % 30 == 0 for h in results[0].json()["data"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import random
 import resource
 import threading
@@ -11,6 +12,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 
 from gateway.cli import main as cli_main
@@ -175,8 +177,9 @@ def test_export_and_restore_on_another_node(tmp_path: Path, log_dir: Path) -> No
         archive = tmp_path / "c.tar.gz"
         cli_main(["index", "export", "--index-dir", str(source), "--collection", "c", "--out", str(archive)])
     cli_main(["index", "restore", "--index-dir", str(target), str(archive)])
-    with pytest.raises(FileExistsError):
+    with pytest.raises(SystemExit) as refused:  # "already exists", on stderr, exit 2
         cli_main(["index", "restore", "--index-dir", str(target), str(archive)])
+    assert refused.value.code == 2
     with (
         run_gateway(_args(tmp_path, target), log_dir) as gateway,
         httpx.Client(base_url=gateway.base_url, timeout=10) as client,
@@ -245,6 +248,35 @@ def test_corrupt_snapshot_fails_readiness_loudly(tmp_path: Path, log_dir: Path) 
         assert client.get("/health/live").status_code == 200
         response = client.get("/v1/collections/c/items/a")
         assert response.status_code == 503 and "cannot be loaded" in response.json()["error"]["message"]
+        for shown in (ready.text, response.text):  # F10: no file names reach a client
+            assert str(tmp_path) not in shown and "snapshot.bin" not in shown
+
+
+def test_a_malformed_collection_document_fails_readiness_not_start_up(tmp_path: Path, log_dir: Path) -> None:
+    """A restored archive with a valid checksum but a broken document: restore refuses it; placed by hand, the
+    gateway still starts, serves its other collections and names the broken one in readiness."""
+    import tarfile
+
+    index_dir = tmp_path / "index"
+    args = _args(tmp_path, index_dir)
+    rng = random.Random(9)
+    with run_gateway(args, log_dir) as gateway, httpx.Client(base_url=gateway.base_url, timeout=10) as client:
+        _create(client, "good")
+        _create(client, "bad")
+        client.post("/v1/collections/good/items", json={"items": [{"id": "a", "vector": _vector(rng)}]})
+    (index_dir / "bad" / "collection.json").write_bytes(b'{"name": "bad", "dim": "sixteen", "index": {}}')
+    archive = tmp_path / "bad.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(index_dir / "bad" / "collection.json", arcname="bad/collection.json")
+    with pytest.raises(SystemExit) as refused:
+        cli_main(["index", "restore", "--index-dir", str(tmp_path / "elsewhere"), str(archive)])
+    assert refused.value.code == 2 and not (tmp_path / "elsewhere" / "bad").exists()
+    with run_gateway(args, log_dir) as gateway, httpx.Client(base_url=gateway.base_url, timeout=10) as client:
+        ready = client.get("/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["problems"] == ["collection 'bad' cannot be loaded: its collection document is malformed"]
+        assert client.get("/v1/collections/good/items/a").status_code == 200
+        assert client.get("/v1/collections/bad/items/a").status_code == 503
 
 
 def test_a_collection_from_another_encoder_is_not_served(tmp_path: Path, log_dir: Path) -> None:
@@ -314,3 +346,48 @@ def test_proxies_forward_retrieval_to_the_single_writer(tmp_path: Path, log_dir:
             down = a.post("/v1/search", json={"collection": "c", "query": {"vector": vector}})
             assert down.status_code == 503 and down.headers["retry-after"] == "1"
             assert down.json()["error"]["message"] == "The retrieval service is unreachable."
+
+
+def _raw_get(port: int, raw_path: str, key: str) -> tuple[int, bytes]:
+    """A GET with its path exactly as given (httpx normalises dot segments; http.client and an attacker do not)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", raw_path, headers={"Authorization": f"Bearer {key}"})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_the_proxy_forwards_raw_paths_and_refuses_dot_segments(tmp_path: Path, log_dir: Path) -> None:
+    """F9 through a real proxy + retrieval pair: encoded dot segments never reach the retrieval service's other
+    routes, and a double-encoded item id names the same item as on the retrieval service itself."""
+    keys = [{"key": "sk-team", "scopes": ["read", "write", "admin"], "namespace": "team"}]
+    retrieval_config = write_config(
+        tmp_path / "r.yaml", [], role="retrieval", keys=keys, search={"index_dir": str(tmp_path / "index")}
+    )
+    with run_gateway(["--config", str(retrieval_config)], log_dir) as retrieval:
+        proxy_config = write_config(tmp_path / "p.yaml", [], role="proxy", retrieval_url=retrieval.base_url, keys=keys)
+        with run_gateway(["--config", str(proxy_config)], log_dir) as proxy:
+            client = httpx.Client(base_url=proxy.base_url, headers={"Authorization": "Bearer sk-team"}, timeout=10)
+            _create(client)
+            items = [
+                {"id": i, "vector": _vector(random.Random(n))} for n, i in enumerate(["a%2Fb", "a/b", "photos/x.png"])
+            ]
+            assert client.post("/v1/collections/c/items", json={"items": items}).status_code == 200
+            for raw in (
+                "/v1/collections/%2e%2e/metrics",
+                "/v1/collections/..%2fmetrics",
+                "/v1/collections/c/items/%2E%2E/%2E%2E/%2E%2E/openapi.json",
+                "/v1/collections/../../openapi.json",
+                "/v1/collections/c/items/x%2F..%2F..%2F..%2Fmetrics",
+            ):
+                status, body = _raw_get(proxy.port, raw, "sk-team")
+                assert status == 400, (raw, status, body[:200])
+                assert b"gateway_" not in body and b"openapi" not in body
+            for raw, item in (("a%252Fb", "a%2Fb"), ("a/b", "a/b"), ("photos/x.png", "photos/x.png")):
+                via_proxy = _raw_get(proxy.port, f"/v1/collections/c/items/{raw}", "sk-team")
+                direct = _raw_get(retrieval.port, f"/v1/collections/c/items/{raw}", "sk-team")
+                assert via_proxy[0] == direct[0] == 200, (raw, via_proxy, direct)
+                assert orjson.loads(via_proxy[1])["id"] == orjson.loads(direct[1])["id"] == item
+            assert client.delete("/v1/collections/c/items/photos/x.png").json()["deleted"] is True

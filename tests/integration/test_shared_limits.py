@@ -17,8 +17,8 @@ import httpx
 import orjson
 import pytest
 
-from gateway.devstack import free_port
 from tests.fake_upstream import Behaviour, FakeVllm
+from tests.harness.processes import free_port
 from tests.support import RunningGateway, run_gateway_async, write_config
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}

@@ -8,9 +8,10 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 
-from gateway.devstack import free_port
 from tests.fake_upstream import Behaviour, FakeVllm, sse_chunk
+from tests.harness.processes import free_port
 from tests.support import RunningGateway, run_gateway_async, write_config
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -98,6 +99,29 @@ async def test_upstream_400_passes_through_without_retry(
         assert response.json()["error"]["type"] == "invalid_request_error"
         assert fake_a.hits + fake_b.hits == 1
         assert gateway.metric("gateway_replica_healthy", {"model": "m"}) == 2, "a 400 is not the replica's fault"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        'Traceback (most recent call last):\n  File "/opt/vllm/entrypoints/openai/serving_chat.py", line 10',
+        "Invalid request: <vllm.sampling_params.SamplingParams object at 0x7f3a2c1d9e50>",
+        "ValueError('prompt too long')",
+        "cannot read /srv/models/qwen/preprocessor_config.json",
+        "upstream http://10.0.3.7:8000/v1 refused",
+    ],
+)
+async def test_upstream_400_with_internal_details_gets_the_generic_message(
+    tmp_path: Path, log_dir: Path, fake_a: FakeVllm, message: str
+) -> None:
+    """F10: the status passes through; a message that shows internals does not."""
+    fake_a.behaviour = Behaviour(mode="status", status=400, message=message)
+    async with run_gateway_async(_config(tmp_path, [fake_a.url]), log_dir) as gateway:
+        response = await _post(gateway, CHAT)
+        assert response.status_code == 400
+        assert response.json()["error"]["message"] == "The model server rejected the request."
+        for leaked in ("Traceback", "0x7f", "ValueError", "/srv", "10.0.3.7", fake_a.url):
+            assert leaked not in response.text
 
 
 async def test_upstream_500_becomes_502_without_internals(tmp_path: Path, log_dir: Path, fake_a: FakeVllm) -> None:

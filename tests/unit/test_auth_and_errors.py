@@ -3,7 +3,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.auth import KeyChecker
+from gateway.access.keys import KeyChecker
 from gateway.config import load_settings
 from gateway.errors import (
     ContextLengthExceeded,
@@ -21,7 +21,7 @@ def test_key_checker_accepts_only_configured_keys() -> None:
     assert checker.enabled
     alpha = checker.identify(b"Bearer sk-alpha")
     assert alpha is not None and len(alpha.key_id) == 12 and "sk-alpha" not in alpha.key_id
-    assert alpha.namespace == alpha.key_id and alpha.scopes == {"read", "write", "admin"}
+    assert alpha.namespace == alpha.key_id and alpha.scopes == {"read", "write", "admin", "operator"}
     beta = checker.identify(b"bearer sk-beta")
     assert beta is not None and beta.key_id != alpha.key_id
     for header in (None, b"", b"Bearer", b"Bearer sk-gamma", b"Basic sk-alpha", b"sk-alpha"):

@@ -8,10 +8,10 @@ from typing import Any
 import orjson
 from fastapi import FastAPI
 
+from gateway.access.keys import KeyChecker
 from gateway.asgi import Message, Receive, Send
-from gateway.auth import KeyChecker
 from gateway.config import Settings
-from gateway.hotpath import HotPathDispatch
+from gateway.server.hotpath import HotPathDispatch
 
 
 async def _call(app: Any, path: str, method: str = "POST") -> list[Message]:

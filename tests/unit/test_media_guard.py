@@ -105,10 +105,22 @@ def test_known_public_addresses(address: str) -> None:
 
 def test_trusted_networks_and_names() -> None:
     policy = MediaAccessPolicy(trusted_hosts=("10.20.0.0/16", "images.internal"))
-    assert policy.address_allowed("x", ipaddress.ip_address("10.20.3.4"))
-    assert not policy.address_allowed("x", ipaddress.ip_address("10.21.3.4"))
-    assert policy.address_allowed("images.internal", ipaddress.ip_address("10.99.0.1"))
-    assert policy.address_allowed("cdn.images.internal", ipaddress.ip_address("10.99.0.1"))
+    assert policy.address_allowed("x", ipaddress.ip_address("10.20.3.4"), 80)
+    assert not policy.address_allowed("x", ipaddress.ip_address("10.21.3.4"), 80)
+    assert policy.address_allowed("images.internal", ipaddress.ip_address("10.99.0.1"), 8080)
+    assert policy.address_allowed("cdn.images.internal", ipaddress.ip_address("10.99.0.1"), 443)
+
+
+def test_a_trusted_entry_with_a_port_trusts_that_port_only() -> None:
+    """Trusting an internal image store must not open the other services on its host (its metrics, admin)."""
+    policy = MediaAccessPolicy(trusted_hosts=("images.internal:8443", "10.30.0.0/16:80", "[fd00::/8]:443"))
+    private = ipaddress.ip_address("10.99.0.1")
+    assert policy.address_allowed("images.internal", private, 8443)
+    assert not policy.address_allowed("images.internal", private, 9090)
+    assert policy.address_allowed("x", ipaddress.ip_address("10.30.1.1"), 80)
+    assert not policy.address_allowed("x", ipaddress.ip_address("10.30.1.1"), 8000)
+    assert policy.address_allowed("x", ipaddress.ip_address("fd00::1"), 443)
+    assert not policy.address_allowed("x", ipaddress.ip_address("fd00::1"), 22)
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,44 @@
+"""`GET /v1/models`: OpenAI's list shape, plus what each model can take and how many replicas serve it."""
+
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Literal
 
-from gateway.protocol.models import Capabilities, ModelCard, ModelList, ReplicaCounts
-from gateway.state import GatewayState
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
+
+from gateway.server.state import GatewayState
+
+
+class ReplicaCounts(BaseModel):
+    healthy: int
+    total: int
+
+
+class Capabilities(BaseModel):
+    vision: bool
+    limit_mm_per_prompt: dict[str, int] | None = None
+    max_model_len: int | None = None
+    quantization: str | None = None
+    replicas: ReplicaCounts | None = None
+    embeddings: bool = False
+    dimensions: int | None = None
+    input_modalities: list[str] | None = None
+    state: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "vlm-gateway"
+    capabilities: Capabilities
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
 
 router = APIRouter()
 

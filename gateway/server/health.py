@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from gateway.metrics import CONTENT_TYPE
-from gateway.state import GatewayState
+from gateway.server.state import GatewayState
 
 router = APIRouter()
 
@@ -44,6 +44,8 @@ async def ready(request: Request) -> JSONResponse:
     ready_now = not problems and (bool(servable) or waking or (not models and embeddings["state"] == "disabled"))
     if gateway.admission.draining:
         ready_now, problems = False, [*problems, "draining: shutting down"]
+    if gateway.admission.under_pressure:  # shedding: new work gets 503 until memory falls back under the mark
+        ready_now, problems = False, [*problems, "memory pressure: shedding new work"]
     body = {
         "problems": problems,
         "status": "ready" if ready_now else "unavailable",

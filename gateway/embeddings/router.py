@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from gateway.protocol.embeddings import EmbeddingRequest
-from gateway.state import GatewayState
+from gateway.embeddings.protocol import EmbeddingRequest
+from gateway.server.state import GatewayState
 
 router = APIRouter()
 

@@ -9,9 +9,18 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from gateway.search.config import IndexSpec
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
-ItemId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
-Vector = Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=1, max_length=8192)]
-Scalar = str | int | float | bool | None
+ItemId = Annotated[str, StringConstraints(min_length=1, max_length=256)]  # may hold "/" (ids from relative paths)
+FLOAT32_MAX = 3.4028234663852886e38
+# Finite and within float32, as stored: a larger value would be kept as inf and make every score NaN.
+Vector = Annotated[
+    list[Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]],
+    Field(min_length=1, max_length=8192),
+]
+FilterValue = str | int | float | bool | None
+Scalar = Annotated[str, StringConstraints(max_length=1024)] | int | float | bool | None
+# Filters: at most 32 keys, each one value or {"in": [...]} of at most MAX_IN_VALUES; MAX_FILTER_VALUES in all.
+MAX_IN_VALUES = 1024
+MAX_FILTER_VALUES = 4096
 
 
 class CreateCollection(BaseModel):
@@ -56,7 +65,22 @@ class SearchRequest(BaseModel):
     query: Content
     top_k: int = Field(10, ge=1, le=100_000)
     # Equality on a metadata key, or {"in": [...]} for membership; all conditions must hold.
-    filter: dict[Annotated[str, StringConstraints(max_length=128)], Scalar | dict[str, list[Scalar]]] | None = Field(
-        None, max_length=32
-    )
+    filter: (
+        dict[
+            Annotated[str, StringConstraints(max_length=128)],
+            Scalar
+            | dict[
+                Annotated[str, StringConstraints(max_length=8)],
+                Annotated[list[Scalar], Field(max_length=MAX_IN_VALUES)],
+            ],
+        ]
+        | None
+    ) = Field(None, max_length=32)
     include_vectors: bool = False
+
+    @model_validator(mode="after")
+    def _bounded_filter(self) -> SearchRequest:
+        total = sum(len(v.get("in", ())) if isinstance(v, dict) else 1 for v in (self.filter or {}).values())
+        if total > MAX_FILTER_VALUES:
+            raise ValueError(f"a filter may hold at most {MAX_FILTER_VALUES} values in all")
+        return self

@@ -2,8 +2,8 @@
 
 Token buckets refill continuously, so a key that used its minute's budget gets requests back gradually rather
 than all at once at the top of the minute. Answers carry OpenAI's `x-ratelimit-*` headers. State is in this
-process (keys are a closed set, so it is bounded); with `rate_limits_redis_url` set, gateway/shared_limits.py
-keeps the same budgets in Redis so every gateway replica draws on one budget per key.
+process (keys are a closed set, so it is bounded); with `rate_limits_redis_url` set, gateway/access/redis_limits.py
+keeps the same budgets in Redis so every gateway replica draws on one budget per key, and falls back to this one.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from gateway.config import RateLimits
 from gateway.errors import RateLimited
@@ -67,6 +68,19 @@ def over_token_budget(tokens: int, per_minute: int) -> RateLimited:
     return RateLimited(
         f"This request needs about {tokens} tokens, more than this key's per-minute limit of {per_minute}."
     )
+
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class Limiter(Protocol):
+    """What the middleware and the serving code use: each check returns its headers, or raises the 429."""
+
+    def update_keys(self, per_key: dict[str, RateLimits]) -> None: ...
+    async def admit(self, key_id: str) -> Headers: ...
+    async def leave(self, key_id: str) -> None: ...
+    async def charge_tokens(self, key_id: str, tokens: int) -> Headers: ...
+    async def close(self) -> None: ...
 
 
 class KeyLimiter:

@@ -17,79 +17,68 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
-from gateway.admission import Admission, memory_limit_bytes
-from gateway.asgi import error_headers
-from gateway.auth import KeyChecker
+from gateway.access.admission import Admission, memory_limit_bytes
+from gateway.access.keys import KeyChecker
+from gateway.access.limits import KeyLimiter, Limiter
+from gateway.asgi import error_response
+from gateway.chat import router as chat_router
+from gateway.chat.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.config import Settings
+from gateway.embeddings import router as embeddings_router
 from gateway.embeddings.service import EmbeddingsService
-from gateway.errors import GatewayError, InvalidRequest, error_body, error_for_status
-from gateway.hotpath import HotPathDispatch
+from gateway.errors import GatewayError, error_for_status, validation_error
 from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
-from gateway.metrics_server import MetricsServer
-from gateway.middleware import GatewayMiddleware
-from gateway.protocol.chat import ChatCompletionRequest, CompletionRequest
-from gateway.ratelimit import KeyLimiter
-from gateway.routes import completions, embeddings, health, models, retrieval_proxy, search
+from gateway.search import router as search_router
 from gateway.search.service import SearchService
-from gateway.state import GatewayState
+from gateway.server import health, models, retrieval_proxy
+from gateway.server.hotpath import HotPathDispatch
+from gateway.server.metrics_server import MetricsServer
+from gateway.server.middleware import GatewayMiddleware
+from gateway.server.state import GatewayState
 from gateway.upstream.client import UpstreamClient, create_session
 from gateway.upstream.pool import Pools
 
 log = logging.getLogger("gateway")
 
 
-def _error_response(error: GatewayError) -> Response:
-    body = error_body(error)
-    headers = {k.decode(): v.decode() for k, v in error_headers(error, body) if k != b"content-length"}
-    return Response(body, status_code=error.status, headers=headers)
-
-
 async def _on_gateway_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, GatewayError)
-    return _error_response(exc)
+    return error_response(exc)
 
 
 async def _on_validation_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    loc = tuple(p for p in first.get("loc", ()) if p not in ("body", "query", "path"))
-    param = ".".join(str(p) for p in loc) or None
-    return _error_response(InvalidRequest(f"{param}: {first['msg']}" if param else str(first["msg"]), param=param))
+    return error_response(validation_error(exc.errors(), located_by_source=True))
 
 
 async def _on_http_error(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     messages = {404: "Unknown route.", 405: "Method not allowed on this route."}
-    return _error_response(error_for_status(exc.status_code, messages.get(exc.status_code)))
+    return error_response(error_for_status(exc.status_code, messages.get(exc.status_code)))
 
 
 async def _on_unexpected(_: Request, exc: Exception) -> Response:
     log.exception("unhandled error", exc_info=exc)
-    return _error_response(GatewayError())
+    return error_response(GatewayError())
 
 
-async def _watch_keys_file(keys: KeyChecker, limiter: KeyLimiter) -> None:
+async def _watch_keys_file(keys: KeyChecker, limiter: Limiter) -> None:
     while True:
         await asyncio.sleep(1.0)
         if keys.reload_if_changed():
             limiter.update_keys(keys.rate_limits)
 
 
-def _key_limiter(settings: Settings, keys: KeyChecker, metrics: GatewayMetrics) -> KeyLimiter:
+def _key_limiter(settings: Settings, keys: KeyChecker, metrics: GatewayMetrics) -> Limiter:
+    local = KeyLimiter(settings.rate_limits, keys.rate_limits)
     if settings.rate_limits_redis_url is None:
-        return KeyLimiter(settings.rate_limits, keys.rate_limits)
-    from gateway.shared_limits import SharedKeyLimiter
+        return local
+    from gateway.access.redis_limits import SharedKeyLimiter
 
     # An in-flight slot outlives no request: the longest a request may take, plus a margin.
     longest = max((pool.timeouts.total for pool in settings.models), default=900.0)
-    return SharedKeyLimiter(
-        settings.rate_limits,
-        keys.rate_limits,
-        settings.rate_limits_redis_url,
-        metrics,
-        in_flight_ttl=int(longest) + 60,
-    )
+    return SharedKeyLimiter(local, settings.rate_limits_redis_url, metrics, in_flight_ttl=int(longest) + 60)
 
 
 def _drain_on_sigterm(admission: Admission, delay: float) -> None:
@@ -151,7 +140,9 @@ def create_app(settings: Settings) -> FastAPI:
         embedder = EmbeddingsService(settings.embeddings, media, metrics, enabled=serves_retrieval)
         searcher = SearchService(settings.search, embedder, metrics)
         limit = settings.memory_limit_bytes or memory_limit_bytes()
-        admission = Admission(int(limit * settings.memory_shed_fraction) if limit else None)
+        admission = Admission(
+            int(limit * settings.memory_shed_fraction) if limit else None, relieve=media.release_memory
+        )
         limiter = _key_limiter(settings, keys, metrics)
         app.state.gateway = GatewayState(
             settings, metrics, pools, upstream, media, embedder, searcher, admission, limiter
@@ -160,8 +151,9 @@ def create_app(settings: Settings) -> FastAPI:
         metrics_server = MetricsServer(metrics, settings.host, settings.metrics_port)
         if not settings.auth_enabled:
             log.warning("no API keys configured: /v1/* is open to anyone who can reach this port")
-        await pools.start(session)
+        await pools.start()
         embedder.start()
+        media.start()
         if serves_retrieval:
             await searcher.start()
         metrics_server.start()
@@ -184,13 +176,13 @@ def create_app(settings: Settings) -> FastAPI:
             await session.close()
 
     app = FastAPI(title="vlm-gateway", version="0.1.0", lifespan=lifespan, redoc_url=None)
-    app.router.routes.extend(completions.routes)
+    app.router.routes.extend(chat_router.routes)
     app.include_router(models.router)
     if settings.role == "proxy":
         app.router.routes.extend(retrieval_proxy.routes)
     else:
-        app.include_router(embeddings.router)
-        app.include_router(search.router)
+        app.include_router(embeddings_router.router)
+        app.include_router(search_router.router)
     app.include_router(health.router)
     if settings.metrics_port is None:
         app.add_route("/metrics", health.metrics_endpoint, methods=["GET"], include_in_schema=False)
@@ -205,5 +197,5 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def hot_path(app: FastAPI, settings: Settings) -> HotPathDispatch:
-    endpoints = {route.path: route.endpoint for route in completions.routes if isinstance(route, Route)}
+    endpoints = {route.path: route.endpoint for route in chat_router.routes if isinstance(route, Route)}
     return HotPathDispatch(app, endpoints, max_body_bytes=settings.max_body_bytes, keys=app.state.keys)

@@ -1,9 +1,9 @@
 """Per-key budgets shared by every gateway replica, kept in Redis.
 
-Same budgets and headers as gateway/ratelimit.py, but each check is one atomic Lua script on Redis, whose clock
+Same budgets and headers as gateway/access/limits.py, but each check is one atomic Lua script on Redis, whose clock
 (`TIME`) all replicas share. If Redis cannot be reached the replica falls back to its own in-process budgets
-(availability over exactness) and counts `gateway_ratelimit_backend_errors_total`; it tries Redis again on the
-next request.
+(availability over exactness: the wrapped local limiter answers) and counts
+`gateway_ratelimit_backend_errors_total`; it tries Redis again on the next request.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from collections import Counter as Tally
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gateway.access.limits import KeyLimiter, budget_headers, too_many_in_flight
 from gateway.config import RateLimits
 from gateway.metrics import GatewayMetrics
-from gateway.ratelimit import KeyLimiter, budget_headers, too_many_in_flight
 
-log = logging.getLogger("gateway.ratelimit")
+log = logging.getLogger("gateway.access.limits")
 
 # KEYS[1] the budget's bucket (hash: level, updated), KEYS[2] the key's in-flight counter.
 # ARGV: capacity (-1: no budget), refill per second, amount, concurrency (-1: none), TTL seconds.
@@ -59,17 +59,11 @@ def _redis_key(key_id: str, kind: str) -> str:
     return f"vlm-gateway:{key_id}:{kind}"
 
 
-class SharedKeyLimiter(KeyLimiter):
-    def __init__(
-        self,
-        defaults: RateLimits,
-        per_key: dict[str, RateLimits],
-        url: str,
-        metrics: GatewayMetrics,
-        *,
-        in_flight_ttl: int,
-    ) -> None:
-        super().__init__(defaults, per_key)
+class SharedKeyLimiter:
+    """The budgets of `local` (its per-key limits, and its state when Redis is unreachable), kept in Redis."""
+
+    def __init__(self, local: KeyLimiter, url: str, metrics: GatewayMetrics, *, in_flight_ttl: int) -> None:
+        self.local = local
         # Short socket timeouts: a slow Redis must cost a request little before the local fallback answers.
         self._redis = Redis.from_url(url, socket_timeout=0.25, socket_connect_timeout=0.25)
         self._script = self._redis.register_script(SCRIPT)
@@ -87,6 +81,9 @@ class SharedKeyLimiter(KeyLimiter):
                 "Redis for shared rate limits unreachable (%s): this replica enforces its own", type(error).__name__
             )
 
+    def update_keys(self, per_key: dict[str, RateLimits]) -> None:
+        self.local.update_keys(per_key)
+
     async def _run(
         self, key_id: str, kind: str, per_minute: int | None, amount: float, concurrency: int | None
     ) -> tuple[int, float, float]:
@@ -103,7 +100,7 @@ class SharedKeyLimiter(KeyLimiter):
         return int(code), float(remaining), float(wait)
 
     async def admit(self, key_id: str) -> list[tuple[bytes, bytes]]:
-        limits = self.limits(key_id)
+        limits = self.local.limits(key_id)
         if limits.requests_per_minute is None and limits.concurrency is None:
             return []
         try:
@@ -112,7 +109,7 @@ class SharedKeyLimiter(KeyLimiter):
             )
         except RedisError as error:
             self._fallback(error)
-            headers = self.admit_now(key_id)
+            headers = self.local.admit_now(key_id)
             self._local_admits[key_id] += 1
             return headers
         if code < 0:
@@ -124,9 +121,9 @@ class SharedKeyLimiter(KeyLimiter):
     async def leave(self, key_id: str) -> None:
         if self._local_admits[key_id] > 0:
             self._local_admits[key_id] -= 1
-            self.leave_now(key_id)
+            self.local.leave_now(key_id)
             return
-        if self.limits(key_id).concurrency is None:
+        if self.local.limits(key_id).concurrency is None:
             return
         try:
             await self._redis.decr(_redis_key(key_id, IN_FLIGHT))
@@ -134,14 +131,14 @@ class SharedKeyLimiter(KeyLimiter):
             self._fallback(error)  # the counter's TTL frees the slot later
 
     async def charge_tokens(self, key_id: str, tokens: int) -> list[tuple[bytes, bytes]]:
-        per_minute = self.token_budget(key_id, tokens)
+        per_minute = self.local.token_budget(key_id, tokens)
         if per_minute is None:
             return []
         try:
             code, remaining, wait = await self._run(key_id, "tokens", per_minute, tokens, None)
         except RedisError as error:
             self._fallback(error)
-            return self.charge_tokens_now(key_id, tokens)
+            return self.local.charge_tokens_now(key_id, tokens)
         return budget_headers("tokens", per_minute, code == 1, remaining, wait)
 
     async def close(self) -> None:

@@ -1,4 +1,5 @@
-"""One pure-ASGI layer in front of every route: request id, body-size cap and API-key check.
+"""One pure-ASGI layer in front of every route: request id, body-size cap, API key and its scope for the route,
+process admission and the key's request budget.
 
 Pure ASGI (no BaseHTTPMiddleware) so a stream passes through untouched apart from one header on its start.
 """
@@ -8,8 +9,9 @@ from __future__ import annotations
 import os
 import re
 
+from gateway.access.keys import ANONYMOUS, KeyChecker
+from gateway.access.scopes import required_scope
 from gateway.asgi import ASGIApp, Message, Receive, Send, send_error
-from gateway.auth import ANONYMOUS, KeyChecker
 from gateway.errors import GatewayError, PayloadTooLarge, Unauthorized
 
 REQUEST_ID_SAFE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
@@ -44,10 +46,25 @@ class GatewayMiddleware:
         state["request_id"] = request_id.decode()
         id_header = (b"x-request-id", request_id)
 
-        extra_headers = state["response_headers"] = [id_header]  # handlers may add (rate-limit headers)
+        extra_headers = [id_header]
+        # Set when the body outgrew the cap: whatever answer the route then tries (FastAPI turns the error raised
+        # inside its body read into a 400) is replaced by the 413, once.
+        too_large: PayloadTooLarge | None = None
+        started = replaced = False
+
+        async def answer_too_large() -> None:
+            nonlocal replaced
+            if too_large is not None and not started and not replaced:
+                replaced = True
+                await send_error(send, too_large, extra_headers)
 
         async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if too_large is not None and not started:
+                await answer_too_large()
+                return
             if message["type"] == "http.response.start":
+                started = True
                 message["headers"] = [*message.get("headers", ()), *extra_headers]
             await send(message)
 
@@ -69,6 +86,7 @@ class GatewayMiddleware:
             return
         gateway = scope["app"].state.gateway
         try:
+            identity.require(required_scope(scope["method"], scope["path"]))
             gateway.admission.check()
             extra_headers += await gateway.limiter.admit(identity.key_id)
         except GatewayError as error:
@@ -78,15 +96,20 @@ class GatewayMiddleware:
         received = 0
 
         async def capped_receive() -> Message:
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _too_large(limit)
+                    too_large = _too_large(limit)
+                    raise too_large
             return message
 
         try:
             await self.app(scope, capped_receive, send_with_id)
+        except PayloadTooLarge:  # raised through a raw endpoint before it answered
+            if too_large is None:
+                raise
+            await answer_too_large()
         finally:
             await gateway.limiter.leave(identity.key_id)

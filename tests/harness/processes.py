@@ -1,7 +1,7 @@
-"""Start and stop real processes of the local stack: vLLM's CPU build and the gateway itself.
+"""Start and stop real processes: vLLM's CPU build and the gateway itself.
 
-Used by `gateway local-stack` and by the end-to-end tests, so both meet the same real parts. vLLM runs from its
-own virtualenv; the gateway never imports it.
+Used by the local stack (tests/harness/local_stack.py) and by the tests, so both meet the same real parts. vLLM
+runs from its own virtualenv; the gateway never imports it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def free_port() -> int:
 
 def _get_status(url: str, timeout: float = 1.0) -> int | None:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - loopback URLs we built
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             status: int = response.status
             return status
     except urllib.error.HTTPError as exc:
@@ -61,7 +61,7 @@ class ManagedProcess:
                 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead
                 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
-        self.proc = subprocess.Popen(  # noqa: S603 - argv built by this module
+        self.proc = subprocess.Popen(
             self.argv,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -156,65 +156,3 @@ def vllm_process(
 def gateway_process(args: list[str], *, port: int, log_path: Path, env: dict[str, str] | None = None) -> ManagedProcess:
     argv = [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     return ManagedProcess(argv, log_path, f"http://127.0.0.1:{port}/health/live", env or {})
-
-
-LOCAL_BANNER = """
-==============================================================================================
- vlm-gateway local stack is up
-   gateway : http://127.0.0.1:{gateway_port}/v1     (model "{model}")
-   vLLM    : http://127.0.0.1:{vllm_port}           (CPU build, log: {vllm_log})
-   metrics : http://127.0.0.1:{gateway_port}/metrics
-   embeddings: model "clip-tiny-random" (random-weight CLIP, 64-d) at /v1/embeddings
-
- !! The model is a tiny RANDOM-WEIGHT Qwen2.5-VL built offline: its answers are gibberish. !!
- !! The serving path (images, streaming, limits, failover, metrics) is the real one.        !!
-
- Try it:
-   curl -s http://127.0.0.1:{gateway_port}/v1/chat/completions -H 'content-type: application/json' \\
-     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 16}}'
-   python -c "from openai import OpenAI; c = OpenAI(base_url='http://127.0.0.1:{gateway_port}/v1', api_key='none'); \\
-print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'content': 'Hi'}}]).choices[0])"
- Ctrl-C stops both.
-==============================================================================================
-"""
-
-
-def run_local_stack(
-    vllm_python: Path, model_dir: Path, *, model: str, gateway_port: int, vllm_port: int, log_dir: Path
-) -> None:
-    """vLLM's CPU build on the tiny checkpoint, then the gateway in this process in front of it."""
-    from gateway.cli import serve
-    from gateway.config import load_settings
-
-    limits = {"image": 2, "video": 1}
-    vllm = vllm_process(
-        vllm_python,
-        model_dir,
-        served_name=model,
-        port=vllm_port,
-        log_path=log_dir / "vllm.log",
-        limit_mm_per_prompt=limits,
-        max_model_len=8192,
-    )
-    print(f"starting vLLM (CPU) on :{vllm_port}; this takes about a minute...", flush=True)
-    started = time.monotonic()
-    vllm.start()
-    try:
-        vllm.wait_ready(timeout=900)
-        print(f"vLLM ready after {time.monotonic() - started:.0f}s", flush=True)
-        pool = {
-            "name": model,
-            "upstreams": [f"http://127.0.0.1:{vllm_port}"],
-            "limit_mm_per_prompt": limits,
-            "max_model_len": 8192,
-        }
-        settings = load_settings(port=gateway_port, models=[pool], embeddings={"clip_model": "tiny-random"})
-        # uvicorn re-raises SIGTERM once it has shut down; exiting through Python lets `finally` stop vLLM too.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        print(
-            LOCAL_BANNER.format(gateway_port=gateway_port, vllm_port=vllm_port, model=model, vllm_log=vllm.log_path),
-            flush=True,
-        )
-        serve(settings)
-    finally:
-        vllm.stop()

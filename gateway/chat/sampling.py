@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 MAX_TOKENS_CEILING = 1 << 20
+MAX_STRING_CHARS = 8 * 1024 * 1024  # any one string of a request; the body cap bounds them all together
 ShortStr = Annotated[str, StringConstraints(max_length=256)]
 StopStr = Annotated[str, StringConstraints(max_length=1024)]
 
@@ -25,7 +26,7 @@ class StreamOptions(BaseModel):
 class SamplingParams(BaseModel):
     """Validation only: the gateway forwards the client's own bytes, so defaults here never reach vLLM."""
 
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False, str_max_length=8 * 1024 * 1024)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, str_max_length=MAX_STRING_CHARS)
 
     model: str = Field(min_length=1, max_length=256)
     stream: bool = False
@@ -62,6 +63,3 @@ class SamplingParams(BaseModel):
         if self.min_tokens is not None and limit is not None and self.min_tokens > limit:
             raise ValueError("min_tokens must not exceed max_tokens")
         return self
-
-    def wants_usage(self) -> bool:
-        return not self.stream or bool(self.stream_options and self.stream_options.include_usage)

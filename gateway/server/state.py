@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from gateway.admission import Admission
+from gateway.access.admission import Admission
+from gateway.access.limits import Limiter
 from gateway.config import Settings
 from gateway.embeddings.service import EmbeddingsService
 from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
-from gateway.ratelimit import KeyLimiter
 from gateway.search.service import SearchService
 from gateway.upstream.client import UpstreamClient
 from gateway.upstream.pool import Pools
@@ -26,5 +26,5 @@ class GatewayState:
     embeddings: EmbeddingsService
     search: SearchService
     admission: Admission
-    limiter: KeyLimiter
+    limiter: Limiter
     started_at: int = field(default_factory=lambda: int(time.time()))

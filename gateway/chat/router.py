@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from starlette.routing import Route
 
-from gateway.completions import CompletionsEndpoint
-from gateway.protocol.chat import ChatCompletionRequest, CompletionRequest
+from gateway.chat.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.chat.serving import CompletionsEndpoint
 
 # Only these upstream paths are ever proxied; vLLM's /tokenize, /pause, /metrics, /docs ... are not reachable.
 routes = [

@@ -12,10 +12,10 @@ import logging
 
 from fastapi import FastAPI
 
+from gateway.access.keys import KeyChecker
 from gateway.asgi import ASGIApp, Message, Receive, Send, send_error
-from gateway.auth import KeyChecker
 from gateway.errors import GatewayError
-from gateway.middleware import GatewayMiddleware
+from gateway.server.middleware import GatewayMiddleware
 
 log = logging.getLogger("gateway")
 

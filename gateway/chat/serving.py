@@ -13,11 +13,12 @@ from typing import Any
 
 import orjson
 
-from gateway.asgi import Message, Receive, Send, read_body, send_error
+from gateway.asgi import Message, Receive, Send, read_body, send_error, with_headers
+from gateway.chat.checks import Request, check_against_pool, media_parts, parse_request, replace_media
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound
 from gateway.metrics import UNKNOWN_MODEL
-from gateway.request_checks import Request, check_against_pool, media_parts, parse_request
-from gateway.state import GatewayState
+from gateway.server.state import GatewayState
+from gateway.upstream.lease import Verdict
 from gateway.upstream.relay import relay
 
 
@@ -36,7 +37,9 @@ class CompletionsEndpoint:
         status = 500
         try:
             body = await read_body(receive)
-            if len(body) > gateway.settings.inline_parse_bytes:
+            # A large body's parse and checks (every text scanned) run in a worker thread, off the event loop.
+            large = len(body) > gateway.settings.inline_parse_bytes
+            if large:
                 data, request = await asyncio.to_thread(parse_request, body, self.model_cls)
             else:
                 data, request = parse_request(body, self.model_cls)
@@ -44,8 +47,11 @@ class CompletionsEndpoint:
             if replicas is None:
                 raise ModelNotFound(f"The model '{request.model}' does not exist.", param="model")
             model_label = request.model
-            parts = media_parts(request)
-            check_against_pool(request, replicas.pool, parts)
+            media = media_parts(request)
+            if large:
+                await asyncio.to_thread(check_against_pool, request, replicas.pool, media)
+            else:
+                check_against_pool(request, replicas.pool, media)
         except GatewayError as error:
             metrics.rejections.labels(self.route, error.code or error.type).inc()
             metrics.requests.labels(self.route, model_label, str(error.status)).inc()
@@ -57,12 +63,15 @@ class CompletionsEndpoint:
         try:
             async with replicas.gate.slot():
                 visual_tokens = 0
-                if parts:
-                    visual_tokens = await gateway.media.prepare(data, parts, replicas.pool)
+                if media:
+                    prepared = await gateway.media.prepare([m.part for m in media], replicas.pool)
+                    visual_tokens = sum(item.visual_tokens for item in prepared)
+                    replace_media(data, media, prepared)
                     body = reserialise(data)
-                state["response_headers"] += await gateway.limiter.charge_tokens(
+                budget_headers = await gateway.limiter.charge_tokens(
                     state["identity"].key_id, estimated_tokens(request, visual_tokens)
                 )
+                send = with_headers(send, budget_headers)
                 opened = await gateway.upstream.open(replicas, self.route, body, state["request_id"])
                 replicas.visual_tokens.inc(visual_tokens)
                 try:
@@ -75,15 +84,10 @@ class CompletionsEndpoint:
                         started=started,
                         metrics=metrics,
                     )
+                    opened.lease.settle(outcome.verdict)
                 finally:
-                    replicas.release(opened.replica)
+                    opened.lease.settle(Verdict.ABANDONED)  # only if the relay raised: a lease settles once
                     replicas.visual_tokens.dec(visual_tokens)
-            if outcome.upstream_broke:
-                replicas.mark_down(opened.replica)
-            elif outcome.status == 504:
-                replicas.record_failure(opened.replica)
-            else:
-                replicas.record_success(opened.replica)
             status = outcome.status
             if outcome.prompt_tokens:
                 metrics.of(metrics.prompt_tokens, model_label).inc(outcome.prompt_tokens)

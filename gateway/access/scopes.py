@@ -1,0 +1,42 @@
+"""The one table of which scope each `/v1` route needs. The middleware checks it before any handler runs, so a
+route cannot forget its check; a `/v1` route missing from the table needs `admin` (closed by default).
+
+Scopes: `read` (chat, completions, embeddings, models, search, get items), `write` (index items), `admin`
+(create collections; delete and snapshot the collections its own namespace created), `operator` (admin actions
+on any namespace's collections).
+"""
+
+from __future__ import annotations
+
+import re
+
+from gateway.config import Scope
+
+EXACT: dict[tuple[str, str], Scope] = {
+    ("POST", "/v1/chat/completions"): "read",
+    ("POST", "/v1/completions"): "read",
+    ("POST", "/v1/embeddings"): "read",
+    ("POST", "/v1/search"): "read",
+    ("GET", "/v1/models"): "read",
+    ("GET", "/v1/collections"): "read",
+    ("POST", "/v1/collections"): "admin",
+}
+SEGMENT = r"[^/]+"
+RULES: tuple[tuple[str, str, Scope], ...] = (
+    ("DELETE", rf"/v1/collections/{SEGMENT}", "admin"),
+    ("POST", rf"/v1/collections/{SEGMENT}/snapshot", "admin"),
+    ("POST", rf"/v1/collections/{SEGMENT}/items", "write"),
+    ("GET", rf"/v1/collections/{SEGMENT}/items/.+", "read"),
+    ("DELETE", rf"/v1/collections/{SEGMENT}/items/.+", "write"),
+)
+PATTERNS = [(method, re.compile(pattern), scope) for method, pattern, scope in RULES]
+
+
+def required_scope(method: str, path: str) -> Scope:
+    scope = EXACT.get((method, path))
+    if scope is not None:
+        return scope
+    for rule_method, pattern, rule_scope in PATTERNS:
+        if rule_method == method and pattern.fullmatch(path):
+            return rule_scope
+    return "admin"

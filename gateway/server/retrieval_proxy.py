@@ -1,0 +1,85 @@
+"""Role "proxy": the retrieval routes are forwarded, unchanged, to the retrieval service.
+
+The retrieval service owns the encoder and the index (one writer per collection), so any number of stateless
+proxies can sit in front of it; a write through one proxy is visible to a search through another. The caller's
+Authorization travels along: the retrieval service checks the key and derives the namespace itself.
+
+The path goes on exactly as the client sent it (`raw_path`, never re-encoded from the decoded one), so the
+retrieval service decodes it once, as it would for a direct call (a double-encoded item id names the same item
+through both). A dot segment or an encoded slash is refused: forwarded, `/v1/collections/%2e%2e/...` would reach
+routes this proxy does not exist to forward.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+import aiohttp
+from starlette.routing import Route
+from yarl import URL
+
+from gateway.asgi import Message, Receive, Send, read_body, send_error
+from gateway.errors import InvalidRequest, ServiceUnavailable, UpstreamTimeout
+from gateway.server.state import GatewayState
+from gateway.upstream.errors import TransportError, TransportTimeout, map_upstream_errors
+
+FORWARDED_HEADERS = (b"content-type", b"authorization", b"x-request-id")
+PATHS = ["/v1/embeddings", "/v1/search", "/v1/collections", "/v1/collections/{rest:path}"]
+TIMEOUT = aiohttp.ClientTimeout(total=300, sock_connect=5)
+
+
+def forwardable_path(raw_path: bytes) -> str:
+    """The path to send on, as received; refuses dot segments however they are percent-encoded."""
+    path = raw_path.decode("ascii", "strict") if raw_path.isascii() else ""
+    if not path.startswith("/v1/"):
+        raise InvalidRequest("The request path is malformed.")
+    for segment in path.split("/"):
+        # Decoded once, as the retrieval service decodes it: what it would route on must hold no dot segment
+        # and no slash that was not a slash here (`%2F..%2F` would become one there).
+        decoded = unquote(segment)
+        if decoded in (".", "..") or "/" in decoded or "\\" in decoded:
+            raise InvalidRequest("Dot segments and encoded slashes are not allowed in the request path.")
+    return path
+
+
+class RetrievalForwarder:
+    """A raw ASGI endpoint (an instance, so Starlette does not wrap it as a request/response function)."""
+
+    async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
+        gateway: GatewayState = scope["app"].state.gateway
+        try:
+            path = forwardable_path(scope.get("raw_path") or scope["path"].encode())
+        except InvalidRequest as error:
+            await send_error(send, error)
+            return
+        body = await read_body(receive)
+        headers = {k.decode(): v.decode() for k, v in scope["headers"] if k in FORWARDED_HEADERS}
+        headers["x-request-id"] = scope["state"]["request_id"]
+        target = f"{gateway.settings.retrieval_url}{path}"
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        try:
+            with map_upstream_errors():
+                await self._forward(gateway, scope["method"], URL(target, encoded=True), body, headers, send)
+        except (TimeoutError, TransportTimeout):
+            await send_error(send, UpstreamTimeout("The retrieval service did not answer in time."))
+        except TransportError:
+            await send_error(
+                send, ServiceUnavailable("The retrieval service is unreachable.", headers={"Retry-After": "1"})
+            )
+
+    @staticmethod
+    async def _forward(
+        gateway: GatewayState, method: str, url: URL, body: bytes, headers: dict[str, str], send: Send
+    ) -> None:
+        session = gateway.upstream.session
+        async with session.request(method, url, data=body, headers=headers, timeout=TIMEOUT) as response:
+            payload = await response.read()
+            out = [(b"content-type", response.headers.get("Content-Type", "application/json").encode())]
+            if "Retry-After" in response.headers:
+                out.append((b"retry-after", response.headers["Retry-After"].encode()))
+            await send({"type": "http.response.start", "status": response.status, "headers": out})
+            await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+
+routes = [Route(path, RetrievalForwarder(), methods=["GET", "POST", "DELETE"]) for path in PATHS]

@@ -1,0 +1,34 @@
+"""The one place where the HTTP client's exceptions become the gateway's own (as httpx's `map_exceptions`).
+
+Every caller of a replica, a media host or the retrieval service wraps its I/O in `map_upstream_errors()` and
+handles only `TransportError` / `TransportTimeout`; what each means to the client is decided at the call site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import aiohttp
+
+
+class TransportError(Exception):
+    """The peer could not be reached, or its connection or body broke. `reason` is for logs, never for clients."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TransportTimeout(TransportError):
+    """A socket budget (connect or read) set on the client ran out."""
+
+
+@contextmanager
+def map_upstream_errors() -> Iterator[None]:
+    try:
+        yield
+    except aiohttp.ServerTimeoutError as exc:  # also a TimeoutError: must be matched before the general case
+        raise TransportTimeout(type(exc).__name__) from None
+    except (aiohttp.ClientError, ConnectionError) as exc:
+        raise TransportError(type(exc).__name__) from None
