@@ -141,6 +141,14 @@ class ModelPool(BaseModel):
         default_factory=lambda: list(QWEN_RESERVED_TOKENS), max_length=1024
     )
     reserved_token_ids: list[int] = Field(default_factory=lambda: list(QWEN_PLACEHOLDER_IDS), max_length=1024)
+    # Routing (gateway/upstream/routing.py): "affinity" sends each conversation to the replica whose caches hold
+    # it, within (1 + affinity_epsilon) x the mean load; "least_outstanding" ignores caches.
+    routing: Literal["affinity", "least_outstanding"] = "affinity"
+    affinity_epsilon: float = Field(0.25, ge=0, le=100)
+    # A client header naming the conversation (used before the computed key; prompt_cache_key comes first).
+    session_header: str = Field("x-session-id", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$")
+    # Whether OpenAI's prompt_cache_key goes on to vLLM too (it is always used for routing).
+    forward_prompt_cache_key: bool = False
     # A prompt longer than max_model_len * this many characters cannot fit; rejected without tokenising.
     max_chars_per_token: float = Field(10.0, gt=0, le=1000)
 
@@ -151,6 +159,11 @@ class ModelPool(BaseModel):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"upstream must be an http(s) base URL, got {url!r}")
         return [u.rstrip("/") for u in urls]
+
+    @field_validator("session_header")
+    @classmethod
+    def _lower_header(cls, name: str) -> str:
+        return name.lower()  # as ASGI servers hand headers over
 
     @field_validator("discover")
     @classmethod

@@ -86,6 +86,13 @@ class GatewayMetrics:
             ["model", "replica"],
             registry=r,
         )
+        self.routing_decisions = Counter(
+            "gateway_routing_decisions",
+            "Affinity routing: to the conversation's own replica (affine), past it for load (spilled) or for its "
+            "health (moved).",
+            ["model", "outcome"],
+            registry=r,
+        )
         self.discovery_errors = Counter(
             "gateway_discovery_errors",
             "Failed re-resolutions of a pool's discover name; the replicas last seen stay in use.",

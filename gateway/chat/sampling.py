@@ -52,6 +52,7 @@ class SamplingParams(BaseModel):
         dict[Annotated[str, StringConstraints(max_length=16)], Annotated[float, Field(ge=-100, le=100)]] | None
     ) = Field(None, max_length=300)
     user: ShortStr | None = None
+    prompt_cache_key: ShortStr | None = None  # OpenAI's: names the conversation for cache-affinity routing
     service_tier: Literal["auto", "default", "flex", "priority"] | None = None
 
     def requested_tokens(self) -> int | None:

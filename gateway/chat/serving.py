@@ -14,12 +14,15 @@ from typing import Any
 import orjson
 
 from gateway.asgi import Message, Receive, Send, read_body, send_error, with_headers
-from gateway.chat.checks import Request, check_against_pool, media_parts, parse_request, replace_media
+from gateway.chat.checks import ChatMedia, Request, check_against_pool, media_parts, parse_request, replace_media
+from gateway.chat.protocol import CompletionRequest
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound
+from gateway.media.images import PreparedMedia
 from gateway.metrics import UNKNOWN_MODEL
 from gateway.server.state import GatewayState
 from gateway.upstream.lease import Verdict
 from gateway.upstream.relay import relay
+from gateway.upstream.routing import affinity_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,16 +66,26 @@ class CompletionsEndpoint:
         try:
             async with replicas.gate.slot():
                 visual_tokens = 0
+                prepared: list[PreparedMedia] = []
+                pool = replicas.pool
                 if media:
-                    prepared = await gateway.media.prepare([m.part for m in media], replicas.pool)
+                    prepared = await gateway.media.prepare([m.part for m in media], pool)
                     visual_tokens = sum(item.visual_tokens for item in prepared)
                     replace_media(data, media, prepared)
+                key = None
+                if pool.routing == "affinity":
+                    session = _header(scope, pool.session_header)
+                    key = routing_key(request, state["identity"].namespace, session, media, prepared)
+                if request.prompt_cache_key is not None and not pool.forward_prompt_cache_key:
+                    del data["prompt_cache_key"]  # used for routing here; vLLM sees it only if the pool says so
+                    body = reserialise(data)
+                elif media:
                     body = reserialise(data)
                 budget_headers = await gateway.limiter.charge_tokens(
                     state["identity"].key_id, estimated_tokens(request, visual_tokens)
                 )
                 send = with_headers(send, budget_headers)
-                opened = await gateway.upstream.open(replicas, self.route, body, state["request_id"])
+                opened = await gateway.upstream.open(replicas, self.route, body, state["request_id"], key)
                 replicas.visual_tokens.inc(visual_tokens)
                 try:
                     outcome = await relay(
@@ -101,6 +114,32 @@ class CompletionsEndpoint:
             in_flight.dec()
             metrics.of(metrics.requests, self.route, model_label, str(status)).inc()
             metrics.of(metrics.request_duration, self.route, model_label).observe(time.perf_counter() - started)
+
+
+def _header(scope: Message, name: str) -> str | None:
+    wanted = name.encode()
+    for header, value in scope["headers"]:
+        if header == wanted:
+            return str(value[:256].decode("latin-1"))
+    return None
+
+
+def routing_key(
+    request: Request, namespace: str, session: str | None, media: list[ChatMedia], prepared: list[PreparedMedia]
+) -> bytes:
+    """The request's affinity key: prompt_cache_key, else the session header, else the conversation's leading
+    part — system/developer messages and the first user turn, each image or video by its content hash (so a URL,
+    a data URL and a re-send of the same image key alike, and later turns keep the first turn's key)."""
+    explicit = request.prompt_cache_key if request.prompt_cache_key is not None else session
+    if isinstance(request, CompletionRequest):
+        prompts = request.token_prompts()
+        texts = list(request.texts()) or [",".join(map(str, prompts[0][:1024])) if prompts else ""]
+        return affinity_key(namespace, explicit, texts, ())
+    users = (i for i, message in enumerate(request.messages) if message.role == "user")
+    leading = next(users, len(request.messages) - 1)
+    hashes = [item.sha256 for where, item in zip(media, prepared, strict=True) if where.message <= leading]
+    leading_texts = (text for message in request.messages[: leading + 1] for text in (message.role, *message.texts()))
+    return affinity_key(namespace, explicit, leading_texts, hashes)
 
 
 def reserialise(data: dict[str, Any]) -> bytes:

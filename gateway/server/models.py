@@ -25,6 +25,7 @@ class Capabilities(BaseModel):
     dimensions: int | None = None
     input_modalities: list[str] | None = None
     state: str | None = None
+    routing: str | None = None  # "affinity" or "least_outstanding"
 
 
 class ModelCard(BaseModel):
@@ -56,6 +57,7 @@ async def list_models(request: Request) -> ModelList:
             max_model_len=pool.max_model_len,
             quantization=pool.quantization,
             replicas=ReplicaCounts(healthy=replicas.healthy_count(), total=len(replicas.replicas)),
+            routing=pool.routing,
         )
         cards.append(ModelCard(id=name, created=gateway.started_at, capabilities=capabilities))
     embedder = gateway.embeddings

@@ -124,7 +124,9 @@ class UpstreamClient:
         self.metrics = metrics
         self.retry_budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_burst)
 
-    async def open(self, replicas: ReplicaSet, path: str, body: bytes, request_id: str) -> OpenedUpstream:
+    async def open(
+        self, replicas: ReplicaSet, path: str, body: bytes, request_id: str, key: bytes | None = None
+    ) -> OpenedUpstream:
         """Send the request, failing over to another replica until one yields its status and first chunk.
 
         Failover happens only here, before anything reached the client: connect errors and resets try the next
@@ -136,7 +138,12 @@ class UpstreamClient:
         saturated_retry_used = False
         last_error: GatewayError | None = None
         self.retry_budget.earn()
-        while (replica := replicas.pick(tried)) is not None:
+        while True:
+            replica, outcome = replicas.pick(tried, key)
+            if replica is None:
+                break
+            if outcome is not None and not tried:
+                self.metrics.of(self.metrics.routing_decisions, model, outcome.value).inc()
             if tried:
                 if not self.retry_budget.spend():
                     self.metrics.upstream_errors.labels(model, "retry_budget_exhausted").inc()

@@ -1,4 +1,5 @@
-"""Replicas of each model: health, cooldown and least-outstanding-requests routing."""
+"""Replicas of each model: health, cooldown, breakers, discovery, and the choice of one (gateway/upstream/routing.py
+holds the affinity rule)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.upstream.discovery import DiscoveryFailed, Resolver, discover, system_resolver
 from gateway.upstream.errors import TransportError, map_upstream_errors
 from gateway.upstream.gate import Gate
+from gateway.upstream.routing import Outcome, load_bound, rendezvous_order
 
 log = logging.getLogger("gateway.pool")
 
@@ -82,9 +84,19 @@ class ReplicaSet:
         """A discovered pool whose name resolves to no address: waiting for a replica, not broken."""
         return self.discovered and not self.replicas
 
-    def pick(self, exclude: set[Replica]) -> Replica | None:
-        """The available replica with the fewest open requests; ties rotate so idle replicas share load."""
+    def pick(self, exclude: set[Replica], key: bytes | None = None) -> tuple[Replica | None, Outcome | None]:
+        """The replica for this attempt, and (with an affinity key) how the choice relates to the key's own."""
         now = time.monotonic()
+        if key is not None and self.pool.routing == "affinity" and self.replicas:
+            chosen, outcome = self._pick_affine(key, exclude, now)
+        else:
+            chosen, outcome = self._least_outstanding(exclude, now), None
+        if chosen is not None and chosen.breaker_open:
+            chosen.probing = True  # half-open: this request is the probe
+        return chosen, outcome
+
+    def _least_outstanding(self, exclude: set[Replica], now: float) -> Replica | None:
+        """The available replica with the fewest open requests; ties rotate so idle replicas share load."""
         best: Replica | None = None
         count = len(self.replicas)
         if not count:
@@ -96,9 +108,19 @@ class ReplicaSet:
                 continue
             if best is None or replica.outstanding < best.outstanding:
                 best = replica
-        if best is not None and best.breaker_open:
-            best.probing = True  # half-open: this request is the probe
         return best
+
+    def _pick_affine(self, key: bytes, exclude: set[Replica], now: float) -> tuple[Replica | None, Outcome]:
+        order = rendezvous_order(key, self.replicas)  # every member: a down one keeps its keys' places
+        usable = [r for r in order if r not in exclude and r.available(now)]
+        bound = load_bound([r for r in order if r.available(now)], self.pool.affinity_epsilon)
+        chosen = next((r for r in usable if r.outstanding + 1 <= bound), None)
+        if chosen is None and usable:  # all over the bound (a burst): the least loaded, in the key's order
+            chosen = min(usable, key=lambda r: r.outstanding)
+        own = order[0]
+        if chosen is own:
+            return chosen, Outcome.AFFINE
+        return chosen, Outcome.MOVED if own in exclude or not own.available(now) else Outcome.SPILLED
 
     def soonest_available_in(self) -> float:
         """Seconds until some replica leaves cooldown (for Retry-After when all are cooling)."""

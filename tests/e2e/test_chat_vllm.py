@@ -72,19 +72,21 @@ def test_streaming_with_usage(gateway: RunningGateway) -> None:
     stream = client(gateway).chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Count to ten"}],
-        max_tokens=12,
+        # Long enough that the stream cannot arrive in the gateway's first read, even on a loaded runner (a
+        # 12-token stream once did, and then no inter-token gap exists to observe).
+        max_tokens=256,
         stream=True,
         stream_options={"include_usage": True},
         extra_body={"ignore_eos": True},
     )
     chunks = list(stream)
     usage = chunks[-1].usage
-    assert usage is not None and usage.completion_tokens == 12
+    assert usage is not None and usage.completion_tokens == 256
     assert chunks[-1].choices == []
     assert any(c.choices and c.choices[0].finish_reason == "length" for c in chunks)
     assert gateway.metric("gateway_time_to_first_token_seconds_count", {"model": MODEL}) == 1
     # Counted once the relay returns, which can be just after the client has read [DONE].
-    assert wait_for(lambda: gateway.metric("gateway_completion_tokens_total", {"model": MODEL}) == 12, timeout=5)
+    assert wait_for(lambda: gateway.metric("gateway_completion_tokens_total", {"model": MODEL}) == 256, timeout=5)
     assert gateway.metric("gateway_inter_token_latency_seconds_count", {"model": MODEL}) >= 1
 
 

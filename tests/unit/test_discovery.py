@@ -54,10 +54,10 @@ def test_a_discovered_pool_with_no_address_is_scaled_to_zero_and_routes_nowhere(
     pool = ReplicaSet(ModelPool(name="m", discover="http://vllm:8000"), GatewayMetrics())
     assert not pool.scaled_to_zero, "not before discovery has answered once"
     pool.adopt_discovered([])
-    assert pool.scaled_to_zero and pool.pick(set()) is None and pool.healthy_count() == 0
+    assert pool.scaled_to_zero and pool.pick(set())[0] is None and pool.healthy_count() == 0
     assert pool.soonest_available_in() == 5.0
     pool.adopt_discovered(["http://10.0.0.1:8000"])
-    assert not pool.scaled_to_zero and pool.pick(set()) is pool.replicas[0]
+    assert not pool.scaled_to_zero and pool.pick(set())[0] is pool.replicas[0]
 
 
 async def test_a_dns_outage_keeps_the_replicas_last_seen_and_is_counted() -> None:

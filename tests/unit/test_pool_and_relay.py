@@ -18,15 +18,15 @@ def test_least_outstanding_wins() -> None:
     replicas.acquire(a)
     replicas.acquire(a)
     replicas.acquire(b)
-    assert replicas.pick(set()) is c
+    assert replicas.pick(set())[0] is c
     replicas.acquire(c)
     replicas.acquire(c)
-    assert replicas.pick(set()) is b
+    assert replicas.pick(set())[0] is b
 
 
 def test_ties_rotate_across_idle_replicas() -> None:
     replicas = _replicas(3)
-    picked = {replicas.pick(set()).base_url for _ in range(6)}  # type: ignore[union-attr]
+    picked = {replicas.pick(set())[0].base_url for _ in range(6)}  # type: ignore[union-attr]
     assert picked == {"http://r0", "http://r1", "http://r2"}
 
 
@@ -35,15 +35,15 @@ def test_down_cooling_and_excluded_replicas_are_skipped() -> None:
     a, b, c = replicas.replicas
     replicas.mark_down(a)
     replicas.cool_down(b, 60)
-    assert replicas.pick(set()) is c
-    assert replicas.pick({c}) is None
+    assert replicas.pick(set())[0] is c
+    assert replicas.pick({c})[0] is None
     assert replicas.healthy_count() == 1
     assert replicas.soonest_available_in() == 1.0, "c is available now; Retry-After floors at 1 s"
     replicas.cool_down(c, 90)
-    assert replicas.pick(set()) is None
+    assert replicas.pick(set())[0] is None
     assert 50 < replicas.soonest_available_in() <= 60, "the down replica does not count; b frees up first"
     replicas.mark_up(a)
-    assert replicas.pick(set()) is a
+    assert replicas.pick(set())[0] is a
 
 
 def test_cooldown_expires() -> None:
@@ -51,7 +51,7 @@ def test_cooldown_expires() -> None:
     (a,) = replicas.replicas
     replicas.cool_down(a, 0.01)
     time.sleep(0.02)
-    assert replicas.pick(set()) is a
+    assert replicas.pick(set())[0] is a
 
 
 def test_release_balances_acquire_in_metrics() -> None:
@@ -88,16 +88,16 @@ def test_breaker_opens_after_consecutive_failures_and_half_opens_for_one_probe()
     assert not a.breaker_open
     replicas.record_failure(a)
     assert a.breaker_open
-    assert {replicas.pick(set()) for _ in range(4)} == {b}, "open: skipped"
+    assert {replicas.pick(set())[0] for _ in range(4)} == {b}, "open: skipped"
     time.sleep(0.06)
-    assert replicas.pick({b}) is a and a.probing, "half-open: one probe"
-    assert replicas.pick({b}) is None, "no second request while the probe is out"
+    assert replicas.pick({b})[0] is a and a.probing, "half-open: one probe"
+    assert replicas.pick({b})[0] is None, "no second request while the probe is out"
     replicas.record_failure(a)
-    assert a.breaker_open and not a.probing and replicas.pick({b}) is None, "a failed probe re-opens"
+    assert a.breaker_open and not a.probing and replicas.pick({b})[0] is None, "a failed probe re-opens"
     time.sleep(0.06)
-    assert replicas.pick({b}) is a
+    assert replicas.pick({b})[0] is a
     replicas.record_success(a)
-    assert not a.breaker_open and replicas.pick({b}) is a and not a.probing, "a good probe closes it"
+    assert not a.breaker_open and replicas.pick({b})[0] is a and not a.probing, "a good probe closes it"
 
 
 def test_retry_budget_caps_retries_to_a_fraction_of_requests() -> None:
