@@ -64,7 +64,7 @@ def _train_tokenizer(vocab_size: int):  # type: ignore[no-untyped-def]
     return tokenizer
 
 
-def build(out_dir: Path) -> None:
+def build(out_dir: Path, scale: int = 1) -> None:
     import torch
     from transformers import (
         PreTrainedTokenizerFast,
@@ -92,10 +92,10 @@ def build(out_dir: Path) -> None:
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": vocab_size,
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
+            "hidden_size": 128 * scale,
+            "intermediate_size": 256 * scale,
+            "num_hidden_layers": 2 * scale,
+            "num_attention_heads": 2 * scale,  # head_dim stays 64: mrope_section sums to head_dim / 2
             "num_key_value_heads": 1,
             "max_position_embeddings": 32768,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
@@ -105,11 +105,11 @@ def build(out_dir: Path) -> None:
             "tie_word_embeddings": False,
         },
         vision_config={
-            "depth": 2,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_heads": 2,
-            "out_hidden_size": 128,
+            "depth": 2 * scale,
+            "hidden_size": 64 * scale,
+            "intermediate_size": 128 * scale,
+            "num_heads": 2 * scale,
+            "out_hidden_size": 128 * scale,
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
@@ -147,7 +147,11 @@ def build(out_dir: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
-    build(parser.parse_args().out_dir)
+    parser.add_argument(
+        "--scale", type=int, default=1, help="widen and deepen by this factor (benchmarks: prefill that costs)"
+    )
+    args = parser.parse_args()
+    build(args.out_dir, args.scale)
 
 
 if __name__ == "__main__":

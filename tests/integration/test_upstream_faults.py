@@ -25,9 +25,11 @@ def _config(tmp_path: Path, upstreams: list[str], **pool: Any) -> list[str]:
     return ["--config", str(path)]
 
 
-async def _post(gateway: RunningGateway, body: dict[str, Any]) -> httpx.Response:
+async def _post(gateway: RunningGateway, body: dict[str, Any], headers: dict[str, str] | None = None) -> httpx.Response:
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
-        return await client.post("/v1/chat/completions", content=orjson.dumps(body), headers=JSON)
+        return await client.post(
+            "/v1/chat/completions", content=orjson.dumps(body), headers={**JSON, **(headers or {})}
+        )
 
 
 async def _stream_events(gateway: RunningGateway, body: dict[str, Any]) -> tuple[int, list[bytes]]:
@@ -64,11 +66,31 @@ async def test_429_cools_the_replica_and_retries_once_elsewhere(
     tmp_path: Path, log_dir: Path, fake_a: FakeVllm, fake_b: FakeVllm
 ) -> None:
     fake_a.behaviour = Behaviour(mode="status", status=429, retry_after="30")
-    async with run_gateway_async(_config(tmp_path, [fake_a.url, fake_b.url]), log_dir) as gateway:
-        for _ in range(4):
-            assert (await _post(gateway, CHAT)).status_code == 200
-        assert fake_a.hits == 1, "the cooling replica must be skipped for its Retry-After"
-        assert fake_b.hits == 4
+    # One session pinned by its key to the saturated replica: the first request meets the 429 there and is
+    # retried on the other; the next ones skip it while it cools, under either routing mode.
+    for routing in ("least_outstanding", "affinity"):
+        fake_a.hits = fake_b.hits = 0
+        args = _config(tmp_path, [fake_a.url, fake_b.url], routing=routing)
+        async with run_gateway_async(args, log_dir) as gateway:
+            session = await _session_owned_by(gateway, fake_a, fake_b) if routing == "affinity" else None
+            headers = {"x-session-id": session} if session else {}
+            fake_a.behaviour = Behaviour(mode="status", status=429, retry_after="30")
+            fake_a.hits = fake_b.hits = 0
+            for _ in range(4):
+                assert (await _post(gateway, CHAT, headers)).status_code == 200
+            assert fake_a.hits == 1, f"{routing}: the cooling replica must be skipped for its Retry-After"
+            assert fake_b.hits == 4
+
+
+async def _session_owned_by(gateway: RunningGateway, owner: FakeVllm, other: FakeVllm) -> str:
+    """A session id whose affinity key maps to `owner` (found by asking: routing is a pure function of it)."""
+    owner.behaviour = Behaviour()
+    for n in range(64):
+        before = owner.hits
+        assert (await _post(gateway, CHAT, {"x-session-id": f"s{n}"})).status_code == 200
+        if owner.hits > before:
+            return f"s{n}"
+    raise AssertionError("no session mapped to the replica in 64 tries")
 
 
 async def test_all_replicas_saturated_gives_client_retry_after(
