@@ -20,6 +20,9 @@ STREAM = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
 
 
 def _config(tmp_path: Path, upstreams: list[str], **pool: Any) -> list[str]:
+    # These tests send one identical request again and again and count hits per replica: under affinity routing
+    # it maps to one replica chosen by the (random) ports, so rotation is asked for unless a test says otherwise.
+    pool.setdefault("routing", "least_outstanding")
     models = [{"name": "m", "upstreams": upstreams, **pool}]
     path = write_config(tmp_path / "gateway.yaml", models, health_check_interval=60, replica_cooldown=30)
     return ["--config", str(path)]
@@ -240,7 +243,7 @@ async def test_breaker_stops_sending_to_a_failing_replica_then_probes_it(
     tmp_path: Path, log_dir: Path, fake_a: FakeVllm, fake_b: FakeVllm
 ) -> None:
     fake_a.behaviour = Behaviour(mode="status", status=500)
-    models = [{"name": "m", "upstreams": [fake_a.url, fake_b.url]}]
+    models = [{"name": "m", "upstreams": [fake_a.url, fake_b.url], "routing": "least_outstanding"}]
     path = write_config(
         tmp_path / "breaker.yaml", models, health_check_interval=60, breaker_failures=3, breaker_cooldown=1.0
     )
@@ -262,7 +265,7 @@ async def test_retry_budget_keeps_failover_below_a_fraction_of_traffic(
     tmp_path: Path, log_dir: Path, fake_a: FakeVllm, fake_b: FakeVllm
 ) -> None:
     fake_a.behaviour = Behaviour(mode="status", status=429)
-    models = [{"name": "m", "upstreams": [fake_a.url, fake_b.url]}]
+    models = [{"name": "m", "upstreams": [fake_a.url, fake_b.url], "routing": "least_outstanding"}]
     path = write_config(
         tmp_path / "budget.yaml",
         models,
