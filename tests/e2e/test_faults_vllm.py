@@ -107,12 +107,19 @@ def test_dead_replica_not_yet_noticed_is_failed_over(
     config_path = Path(config[1])
     config_path.write_text(config_path.read_text().replace("health_check_interval: 1", "health_check_interval: 3600"))
     with run_gateway(config, log_dir) as gateway:
-        victim = live_replicas[0]
-        victim.process.kill()
         sdk = client(gateway)
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        # Affinity routing sends this request to one replica every time: that one is the victim, found by asking.
+        served = [metric_value(r.metrics(), "vllm:request_success_total") for r in live_replicas]
+        assert sdk.chat.completions.create(**chat).choices  # type: ignore[call-overload]
+        victim = next(
+            r
+            for r, before in zip(live_replicas, served, strict=True)
+            if wait_for(lambda r=r, before=before: metric_value(r.metrics(), "vllm:request_success_total") > before, 5)
+        )
+        victim.process.kill()
         for _ in range(4):
-            reply = sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-            assert reply.choices
+            assert sdk.chat.completions.create(**chat).choices  # type: ignore[call-overload]
         assert gateway.metric("gateway_upstream_retries_total", {"model": MODEL}) == 1
         assert gateway.metric("gateway_upstream_errors_total", {"kind": "connect"}) == 1
 
