@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, model_validator
 
 from gateway.chat.sampling import MAX_STRING_CHARS, MAX_TOKENS_CEILING, SamplingParams, ShortStr
 
@@ -141,6 +141,7 @@ class ResponseFormat(Strict):
 
 
 class ChatCompletionRequest(SamplingParams):
+    _schema_chars: int = PrivateAttr(0)
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CEILING)
     logprobs: bool | None = None
@@ -167,17 +168,19 @@ class ChatCompletionRequest(SamplingParams):
 
     @model_validator(mode="after")
     def _schemas_together(self) -> ChatCompletionRequest:
-        if self.schema_chars() > MAX_REQUEST_SCHEMA_CHARS:
+        schemas = [tool.function.parameters for tool in self.tools or ()]
+        if self.response_format is not None:
+            schemas.append(self.response_format.json_schema)
+        # Walked once here; the context check and the token estimate read the stored size.
+        self._schema_chars = sum(json_size(schema) for schema in schemas if schema)
+        if self._schema_chars > MAX_REQUEST_SCHEMA_CHARS:
             raise ValueError(
                 f"the request's tool and response schemas may be {MAX_REQUEST_SCHEMA_CHARS} characters in all"
             )
         return self
 
     def schema_chars(self) -> int:
-        schemas = [tool.function.parameters for tool in self.tools or ()]
-        if self.response_format is not None:
-            schemas.append(self.response_format.json_schema)
-        return sum(json_size(schema) for schema in schemas if schema)
+        return self._schema_chars
 
     def texts(self) -> Iterator[str]:
         """Every text the model reads: each message's, and the tools' names and descriptions."""
