@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from gateway.upstream.errors import TransportError, map_upstream_errors
 from gateway.upstream.lease import Verdict
 
 USAGE_MARK = b'"usage":{'
+log = logging.getLogger("gateway.relay")
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
 
@@ -105,6 +107,38 @@ async def relay(
         opened.response.release()
 
 
+# How late a timer may run before the loop counts as having fallen behind (see `_next_chunk`).
+LOOP_LAG = 0.1
+
+
+async def _next_chunk(
+    content: aiohttp.StreamReader, loop: asyncio.AbstractEventLoop, idle: float, total_deadline: float
+) -> bytes:
+    """The next bytes the replica sent, or TimeoutError once it has been silent for `idle` seconds (or the total
+    deadline passed).
+
+    The clock is a loop timer, and a loop that fell behind (a starved or stopped process) runs due timers before
+    it reads the sockets that became readable meanwhile (uvloop, like libuv, runs timers first). A timer that ran
+    late therefore proves nothing about the replica: the stream gets one short window to deliver what is waiting
+    in the socket, and only a replica that stays silent through a timer that ran on time is called silent.
+    """
+    deadline = min(loop.time() + idle, total_deadline)
+    while True:
+        received = content.total_bytes
+        try:
+            async with asyncio.timeout_at(deadline):
+                with map_upstream_errors():
+                    return await content.readany()
+        except TimeoutError:
+            now = loop.time()
+            if content.total_bytes != received or content.is_eof():
+                deadline = min(now + idle, total_deadline)  # they arrived in the timer's loop pass: not silent
+                continue
+            if now >= total_deadline or now - deadline <= LOOP_LAG:
+                raise
+            deadline = min(now + LOOP_LAG, total_deadline)
+
+
 async def _relay_stream(
     opened: OpenedUpstream,
     send: Send,
@@ -128,24 +162,21 @@ async def _relay_stream(
     content = opened.response.content
     error: GatewayError | None = None
     try:
-        async with asyncio.timeout(None) as budget:
-            while True:
-                budget.reschedule(min(loop.time() + timeouts.idle, total_deadline))
-                with map_upstream_errors():
-                    chunk = await content.readany()
-                # The idle clock covers the replica only: a client reading slowly blocks `send` below, and that
-                # backpressure must not read as a silent replica (it would end the stream and count a failure).
-                budget.reschedule(total_deadline)
-                if not chunk:
-                    break
-                gap_end = time.perf_counter()
-                itl.observe(gap_end - now)
-                now = gap_end
-                previous, last = last, chunk
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        while True:
+            chunk = await _next_chunk(content, loop, timeouts.idle, total_deadline)
+            if not chunk:
+                break
+            gap_end = time.perf_counter()
+            itl.observe(gap_end - now)
+            now = gap_end
+            previous, last = last, chunk
+            # No clock runs here: a client reading slowly blocks `send`, and that backpressure must not read as a
+            # silent replica (it would end the stream and count a failure against the replica).
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except TimeoutError:
         kind = "timeout_total" if loop.time() >= total_deadline else "timeout_idle"
         metrics.upstream_errors.labels(model, kind).inc()
+        log.warning("%s: %s on %s after %.1f s", model, kind, opened.replica.base_url, time.perf_counter() - started)
         error = UpstreamTimeout("The model server stopped sending tokens.")
     except TransportError:
         if not watch.gone:

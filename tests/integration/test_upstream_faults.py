@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,28 @@ async def test_slow_reading_client_is_not_an_idle_replica(tmp_path: Path, log_di
         assert received.endswith(b"data: [DONE]\n\n")
         assert b'"error"' not in received
         assert received.count(b"data: ") == 400 + 2
+        assert gateway.metric("gateway_upstream_errors_total", {"kind": "timeout_idle"}) == 0
+
+
+async def test_a_gateway_paused_past_the_idle_timeout_keeps_the_stream(
+    tmp_path: Path, log_dir: Path, fake_a: FakeVllm
+) -> None:
+    """A gateway process that gets no CPU for longer than the idle timeout (a starved node, a stop) wakes with its
+    idle timer due and the replica's bytes already buffered: the replica was not silent, so the stream goes on."""
+    fake_a.behaviour = Behaviour(chunks=40, chunk_delay=0.1)
+    args = _config(tmp_path, [fake_a.url], timeouts={"first_token": 5, "idle": 1})
+    async with run_gateway_async(args, log_dir) as gateway:
+        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
+            async with client.stream("POST", "/v1/chat/completions", content=orjson.dumps(STREAM), headers=JSON) as r:
+                received = bytearray()
+                async for chunk in r.aiter_raw():
+                    if not received:
+                        gateway.process.signal(signal.SIGSTOP)
+                        await asyncio.sleep(2.5)  # the replica keeps sending into the stopped gateway's socket
+                        gateway.process.signal(signal.SIGCONT)
+                    received += chunk
+        assert b'"error"' not in received, bytes(received[-300:])
+        assert received.count(b"data: ") == 40 + 2 and received.endswith(b"data: [DONE]\n\n")
         assert gateway.metric("gateway_upstream_errors_total", {"kind": "timeout_idle"}) == 0
 
 
