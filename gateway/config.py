@@ -113,6 +113,19 @@ QWEN_RESERVED_TOKENS = (
 QWEN_PLACEHOLDER_IDS = (151652, 151653, 151654, 151655, 151656)  # vision start/end/pad, image pad, video pad
 
 
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9._:-]+$"  # a model name: no slash (it would read as a path segment)
+
+
+class LoraModule(BaseModel):
+    """An adapter served beside the pool's base model, as vLLM's `--lora-modules` spells it."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(min_length=1, max_length=256, pattern=ADAPTER_NAME_PATTERN)
+    path: str = Field(min_length=1, max_length=4096)
+    base_model_name: str | None = Field(None, max_length=256)
+
+
 class ModelPool(BaseModel):
     """One served model name and the vLLM replicas that serve it."""
 
@@ -151,6 +164,11 @@ class ModelPool(BaseModel):
     forward_prompt_cache_key: bool = False
     # A prompt longer than max_model_len * this many characters cannot fit; rejected without tokenising.
     max_chars_per_token: float = Field(10.0, gt=0, le=1000)
+    # LoRA adapters the replicas serve by name (`vllm serve --enable-lora --lora-modules`). A request naming one
+    # goes only to replicas whose /v1/models lists it; `/v1/models` lists each with `parent` = this pool.
+    lora_modules: list[LoraModule] = Field(default_factory=list, max_length=256)
+    # Directories `POST /v1/adapters` may load adapters from (paths as the replicas see them); none: no loading.
+    adapter_roots: list[str] = Field(default_factory=list, max_length=16)
 
     @field_validator("upstreams")
     @classmethod
@@ -239,6 +257,14 @@ def hash_api_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+class ResponsesSettings(BaseModel):
+    # Signs the response ids the gateway mints (gateway/responses/ids.py). Every gateway replica behind one
+    # Service needs the same secret to route another's ids; unset, each process draws its own at start.
+    id_secret: SecretStr | None = None  # SecretStr: never printed in a dump or a log
+    # Ids older than this are answered 404 (vLLM's store keeps responses until the replica restarts).
+    ttl: float = Field(86400.0, gt=0, le=365 * 86400)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid")
 
@@ -254,6 +280,7 @@ class Settings(BaseSettings):
     media: MediaSettings = Field(default_factory=MediaSettings)
     embeddings: EmbeddingsSettings = Field(default_factory=EmbeddingsSettings)
     search: SearchSettings = Field(default_factory=SearchSettings)
+    responses: ResponsesSettings = Field(default_factory=ResponsesSettings)
 
     # Plaintext keys (from --api-key or GATEWAY_API_KEYS) are hashed at load; only digests are kept.
     api_keys: list[SecretStr] = Field(default_factory=list, exclude=True)
@@ -313,8 +340,9 @@ class Settings(BaseSettings):
         if self.role == "proxy" and not self.retrieval_url:
             raise ValueError("role 'proxy' needs retrieval_url (the retrieval service's base URL)")
         names = [pool.name for pool in self.models]
+        names += [adapter.name for pool in self.models for adapter in pool.lora_modules]
         if len(names) != len(set(names)):
-            raise ValueError("model pool names must be unique")
+            raise ValueError("model pool and adapter names must be unique")
         return self
 
     @property

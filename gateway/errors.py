@@ -215,7 +215,7 @@ def _param_from_loc(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in UNION_BRANCH_LABELS or "[" in part or part.startswith(("function-", "literal")):
+        elif part in UNION_BRANCH_LABELS or "[" in part or part.startswith(("function-", "literal", "constrained-")):
             continue
         elif part != previous:  # a tagged union repeats its tag ("image_url") before the field of that name
             path += f".{part}" if path else part

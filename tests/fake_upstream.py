@@ -44,6 +44,10 @@ class FakeVllm:
     bodies: list[bytes] = field(default_factory=list)
     request_ids: list[str] = field(default_factory=list)
     aborted: int = 0  # stalled requests whose connection the gateway closed (what makes vLLM abort one)
+    # What /v1/models lists (id -> parent); the base model is "m". Adapter loads add to it, as vLLM's do.
+    models: dict[str, str | None] = field(default_factory=lambda: {"m": None})
+    stored: dict[str, bytes] = field(default_factory=dict)  # response id -> the response, as vLLM's store
+    paths: list[str] = field(default_factory=list)  # method and path (with query) of every non-health request
     port: int = 0
     _runner: web.AppRunner | None = None
 
@@ -56,6 +60,12 @@ class FakeVllm:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._chat)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/responses", self._responses)
+        app.router.add_get("/v1/responses/{response_id}", self._stored)
+        app.router.add_post("/v1/responses/{response_id}/cancel", self._stored)
+        app.router.add_post("/v1/load_lora_adapter", self._load)
+        app.router.add_post("/v1/unload_lora_adapter", self._unload)
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         self.port = free_port()
@@ -69,11 +79,82 @@ class FakeVllm:
     async def _health(self, _: web.Request) -> web.Response:
         return web.Response(text="")
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
+    async def _models(self, _: web.Request) -> web.Response:
+        cards = [{"id": name, "object": "model", "parent": parent} for name, parent in self.models.items()]
+        return web.json_response({"object": "list", "data": cards})
+
+    async def _load(self, request: web.Request) -> web.Response:
+        self.paths.append(f"POST {request.path_qs}")
+        body = await request.json()
+        if not body["lora_path"].startswith("/adapters/"):
+            return web.json_response({"error": {"message": "no such adapter", "code": 400}}, status=400)
+        self.models[body["lora_name"]] = "m"
+        return web.Response(text="Success")
+
+    async def _unload(self, request: web.Request) -> web.Response:
+        self.paths.append(f"POST {request.path_qs}")
+        self.models.pop((await request.json())["lora_name"], None)
+        return web.Response(text="Success")
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """As vLLM: the response id is the request's `request_id`; a previous id must be in this replica's store."""
         self.hits += 1
         body = await request.read()
         self.bodies.append(body)
-        self.request_ids.append(request.headers.get("X-Request-Id", ""))
+        early = await self._before_answering(request)
+        if early is not None:
+            return early
+        data = orjson.loads(body)
+        previous = data.get("previous_response_id")
+        if previous is not None and previous not in self.stored:
+            error = {"error": {"message": f"Response with id '{previous}' not found.", "code": 404}}
+            return web.json_response(error, status=404)
+        usage = {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7}
+        response = {
+            "id": data["request_id"],
+            "object": "response",
+            "model": data["model"],
+            "status": "completed",
+            "output": [{"type": "message", "content": [{"type": "output_text", "text": "ok"}]}],
+            "usage": usage,
+        }
+        self.stored[data["request_id"]] = orjson.dumps(response)
+        if not data.get("stream"):
+            return web.Response(body=self.stored[data["request_id"]], content_type="application/json")
+        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await stream.prepare(request)
+        created = {"type": "response.created", "sequence_number": 0, "response": {**response, "usage": None}}
+        await stream.write(b"event: response.created\ndata: " + orjson.dumps(created) + b"\n\n")
+        if self.behaviour.mode == "stall_mid":
+            await asyncio.sleep(3600)
+        if self.behaviour.mode == "drop_mid":
+            assert request.transport is not None
+            request.transport.abort()
+            return stream
+        if self.behaviour.mode == "client_gone":  # keep streaming until the gateway closes the connection
+            transport = request.transport
+            while transport is not None and not transport.is_closing():
+                await asyncio.sleep(0.05)
+            self.aborted += 1
+            return stream
+        done = {"type": "response.completed", "sequence_number": 1, "response": response}
+        await stream.write(b"event: response.completed\ndata: " + orjson.dumps(done) + b"\n\n")
+        await stream.write_eof()
+        return stream
+
+    async def _stored(self, request: web.Request) -> web.Response:
+        self.paths.append(f"{request.method} {request.path_qs}")
+        found = self.stored.get(request.match_info["response_id"])
+        if found is None:
+            return web.json_response({"error": {"message": "not found", "code": 404}}, status=404)
+        if request.path.endswith("/cancel"):
+            return web.json_response(
+                {"error": {"message": "Cannot cancel a synchronous response.", "code": 400}}, status=400
+            )
+        return web.Response(body=found, content_type="application/json")
+
+    async def _before_answering(self, request: web.Request) -> web.StreamResponse | None:
+        """The faults every generation route can show before its first byte (reset, stall, a status)."""
         b = self.behaviour
         if b.mode == "reset":
             assert request.transport is not None
@@ -90,6 +171,17 @@ class FakeVllm:
             message = b.message if b.message is not None else f"fake status {b.status}"
             error = {"error": {"message": message, "type": "BadRequestError", "code": b.status}}
             return web.json_response(error, status=b.status, headers=headers)
+        return None
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        self.hits += 1
+        body = await request.read()
+        self.bodies.append(body)
+        self.request_ids.append(request.headers.get("X-Request-Id", ""))
+        early = await self._before_answering(request)
+        if early is not None:
+            return early
+        b = self.behaviour
         if not orjson.loads(body).get("stream"):
             return web.json_response(
                 {

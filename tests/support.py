@@ -94,3 +94,15 @@ def write_config(path: Path, models: list[dict[str, Any]], **settings: Any) -> P
     settings.setdefault("embeddings", {"enabled": False})
     path.write_text(yaml.safe_dump({"models": models, **settings}))
     return path
+
+
+def png_data_url(width: int = 64, height: int = 64, colour: tuple[int, int, int] = (200, 30, 30)) -> str:
+    """A solid-colour PNG as a data URL (Pillow writes it)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()

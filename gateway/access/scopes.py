@@ -1,7 +1,7 @@
 """The one table of which scope each `/v1` route needs. The middleware checks it before any handler runs, so a
 route cannot forget its check; a `/v1` route missing from the table needs `admin` (closed by default).
 
-Scopes: `read` (chat, completions, embeddings, models, search, get items), `write` (index items), `admin`
+Scopes: `read` (chat, completions, responses, embeddings, models, search, get items), `write` (index items), `admin`
 (create collections; delete and snapshot the collections its own namespace created), `operator` (admin actions
 on any namespace's collections).
 """
@@ -15,14 +15,20 @@ from gateway.config import Scope
 EXACT: dict[tuple[str, str], Scope] = {
     ("POST", "/v1/chat/completions"): "read",
     ("POST", "/v1/completions"): "read",
+    ("POST", "/v1/responses"): "read",
     ("POST", "/v1/embeddings"): "read",
     ("POST", "/v1/search"): "read",
     ("GET", "/v1/models"): "read",
     ("GET", "/v1/collections"): "read",
     ("POST", "/v1/collections"): "admin",
+    ("POST", "/v1/adapters"): "admin",
 }
 SEGMENT = r"[^/]+"
 RULES: tuple[tuple[str, str, Scope], ...] = (
+    # A stored response is read and cancelled with the scope that created it; the id names its namespace.
+    ("GET", rf"/v1/responses/{SEGMENT}", "read"),
+    ("POST", rf"/v1/responses/{SEGMENT}/cancel", "read"),
+    ("DELETE", rf"/v1/adapters/{SEGMENT}", "admin"),
     ("DELETE", rf"/v1/collections/{SEGMENT}", "admin"),
     ("POST", rf"/v1/collections/{SEGMENT}/snapshot", "admin"),
     ("POST", rf"/v1/collections/{SEGMENT}/items", "write"),

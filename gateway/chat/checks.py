@@ -9,8 +9,9 @@ from __future__ import annotations
 import functools
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import orjson
 from pydantic import ValidationError
@@ -21,11 +22,34 @@ from gateway.errors import ContextLengthExceeded, InvalidRequest, validation_err
 from gateway.media.images import PreparedMedia
 from gateway.media.service import MediaPart
 
-Request = ChatCompletionRequest | CompletionRequest
 MEDIA_NAMES = {"image": "image(s)", "video": "video(s)"}
 
 
-def parse_request(body: bytes, model_cls: type[Request]) -> tuple[dict[str, Any], Request]:
+class Request(Protocol):
+    """What the checks, budgets and routing read of a generation request (chat, text completion, response)."""
+
+    PROMPT_FIELD: ClassVar[str]  # named by a context-length error: "messages", "prompt", "input"
+    TOKENS_FIELD: ClassVar[str]  # "max_tokens" or "max_output_tokens"
+    model: str
+    stream: bool
+    prompt_cache_key: str | None
+
+    @property
+    def model_extra(self) -> dict[str, Any] | None: ...
+
+    def texts(self) -> Iterator[str]: ...
+
+    def text_chars(self) -> int: ...
+
+    def requested_tokens(self) -> int | None: ...
+
+    def choice_count(self) -> int: ...
+
+
+R = TypeVar("R")
+
+
+def parse_request(body: bytes, model_cls: type[R]) -> tuple[dict[str, Any], R]:
     """The raw JSON object (rewritten later only if media must be) and its validated, bounded model."""
     try:
         data = orjson.loads(body)
@@ -34,7 +58,7 @@ def parse_request(body: bytes, model_cls: type[Request]) -> tuple[dict[str, Any]
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     try:
-        return data, model_cls.model_validate(data)
+        return data, model_cls.model_validate(data)  # type: ignore[attr-defined]
     except ValidationError as exc:
         raise validation_error(exc.errors(include_input=False, include_url=False)) from None
 
@@ -48,7 +72,7 @@ class ChatMedia:
     part: MediaPart
 
 
-def media_parts(request: Request) -> list[ChatMedia]:
+def media_parts(request: ChatCompletionRequest | CompletionRequest) -> list[ChatMedia]:
     found = []
     for message, index, part in request.media_parts():
         modality, url = ("image", part.image_url.url) if isinstance(part, ImagePart) else ("video", part.video_url.url)
@@ -118,13 +142,13 @@ def _check_context(request: Request, max_model_len: int, max_chars_per_token: fl
     wanted = request.requested_tokens()
     if wanted is not None and wanted > max_model_len:
         raise ContextLengthExceeded(
-            f"max_tokens ({wanted}) exceeds the model's context length of {max_model_len} tokens.",
-            param="max_tokens",
+            f"{request.TOKENS_FIELD} ({wanted}) exceeds the model's context length of {max_model_len} tokens.",
+            param=request.TOKENS_FIELD,
         )
     if request.text_chars() > max_model_len * max_chars_per_token:
         raise ContextLengthExceeded(
             f"The prompt is longer than the model's context length of {max_model_len} tokens.",
-            param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
+            param=request.PROMPT_FIELD,
         )
     if isinstance(request, CompletionRequest):
         longest = request.longest_token_prompt()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, model_validator
 
@@ -141,6 +141,8 @@ class ResponseFormat(Strict):
 
 
 class ChatCompletionRequest(SamplingParams):
+    PROMPT_FIELD: ClassVar[str] = "messages"
+    TOKENS_FIELD: ClassVar[str] = "max_tokens"
     _schema_chars: int = PrivateAttr(0)
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CEILING)
@@ -204,6 +206,8 @@ TokenIdBatch = Annotated[list[TokenIds], Field(min_length=1, max_length=1024)]
 
 
 class CompletionRequest(SamplingParams):
+    PROMPT_FIELD: ClassVar[str] = "prompt"
+    TOKENS_FIELD: ClassVar[str] = "max_tokens"
     prompt: str | PromptList | TokenIds | TokenIdBatch
     echo: bool | None = None
     logprobs: int | None = Field(None, ge=0, le=20)

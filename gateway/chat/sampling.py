@@ -23,16 +23,14 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool | None = None
 
 
-class SamplingParams(BaseModel):
-    """Validation only: the gateway forwards the client's own bytes, so defaults here never reach vLLM."""
+class CommonSampling(BaseModel):
+    """The sampling fields chat, text completions and responses share. Validation only: the gateway forwards the
+    client's own bytes, so defaults here never reach vLLM."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False, str_max_length=MAX_STRING_CHARS)
 
     model: str = Field(min_length=1, max_length=256)
     stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=16)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CEILING)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, le=100_000)
@@ -43,17 +41,34 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 64)
     stop: StopStr | list[StopStr] | None = Field(None, max_length=16)
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=1 << 31)]] | None = Field(None, max_length=64)
-    min_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_CEILING)
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
-    spaces_between_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     logit_bias: (
         dict[Annotated[str, StringConstraints(max_length=16)], Annotated[float, Field(ge=-100, le=100)]] | None
     ) = Field(None, max_length=300)
     user: ShortStr | None = None
     prompt_cache_key: ShortStr | None = None  # OpenAI's: names the conversation for cache-affinity routing
-    service_tier: Literal["auto", "default", "flex", "priority"] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+
+    def choice_count(self) -> int:
+        return 1
+
+    def requested_tokens(self) -> int | None:
+        return None
+
+
+class SamplingParams(CommonSampling):
+    """Chat's and text completions' own: several choices, max_tokens, usage in streams."""
+
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=16)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CEILING)
+    min_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_CEILING)
+    spaces_between_special_tokens: bool | None = None
+
+    def choice_count(self) -> int:
+        return self.n
 
     def requested_tokens(self) -> int | None:
         return self.max_tokens

@@ -1,28 +1,85 @@
-"""Serving logic for `/v1/chat/completions` and `/v1/completions`: parse, check, prepare media, forward, relay.
+"""Serving logic for the generation routes (`/v1/chat/completions`, `/v1/completions`, `/v1/responses`): parse,
+check, prepare media, forward, relay.
 
 The client's own request bytes are forwarded unchanged whenever no check needs to rewrite them: the gateway
-validates a parsed copy but re-serialises only when media parts were replaced by prepared data URLs.
+validates a parsed copy but re-serialises only when media parts were replaced by prepared data URLs. What differs
+between the routes — where media sits, the affinity key, which replicas may answer, the stream's error event —
+is the route's `Dialect`; the rest is one path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from gateway.asgi import Message, Receive, Send, read_body, send_error, with_headers
 from gateway.chat.checks import ChatMedia, Request, check_against_pool, media_parts, parse_request, replace_media
-from gateway.chat.protocol import CompletionRequest
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound
+from gateway.chat.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, ServiceUnavailable
 from gateway.media.images import PreparedMedia
 from gateway.metrics import UNKNOWN_MODEL
 from gateway.server.state import GatewayState
 from gateway.upstream.lease import Verdict
-from gateway.upstream.relay import relay
+from gateway.upstream.pool import Replica, ReplicaSet
+from gateway.upstream.relay import chat_stream_error, relay
 from gateway.upstream.routing import affinity_key
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a request may go and what each replica is sent: `only` narrows the replicas (None: any), and
+    `body_for` makes the bytes per replica (None: the same bytes to each)."""
+
+    only: Callable[[Replica], bool] | None = None
+    body_for: Callable[[bytes, Replica], bytes] | None = None
+
+
+class Dialect(Protocol):
+    @property
+    def model_cls(self) -> type[Any]: ...
+
+    def stream_error(self, error: GatewayError, tail: bytes) -> bytes:
+        """The event that ends a stream the replica broke off (relay's `stream_error`)."""
+        ...
+
+    def media(self, request: Any) -> list[ChatMedia]: ...
+
+    def replace_media(self, data: dict[str, Any], media: list[ChatMedia], prepared: list[PreparedMedia]) -> None: ...
+
+    def routing_key(
+        self, request: Any, namespace: str, session: str | None, media: list[ChatMedia], prepared: list[PreparedMedia]
+    ) -> bytes: ...
+
+    def placement(self, gateway: GatewayState, replicas: ReplicaSet, request: Any, namespace: str) -> Placement: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ChatDialect:
+    """Chat and text completions: media in `messages[i].content[j]`, chat's SSE error event, any replica."""
+
+    model_cls: type[ChatCompletionRequest] | type[CompletionRequest]
+
+    def stream_error(self, error: GatewayError, tail: bytes) -> bytes:
+        return chat_stream_error(error, tail)
+
+    def media(self, request: Any) -> list[ChatMedia]:
+        return media_parts(request)
+
+    def replace_media(self, data: dict[str, Any], media: list[ChatMedia], prepared: list[PreparedMedia]) -> None:
+        replace_media(data, media, prepared)
+
+    def routing_key(
+        self, request: Any, namespace: str, session: str | None, media: list[ChatMedia], prepared: list[PreparedMedia]
+    ) -> bytes:
+        return routing_key(request, namespace, session, media, prepared)
+
+    def placement(self, gateway: GatewayState, replicas: ReplicaSet, request: Any, namespace: str) -> Placement:
+        return Placement()
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +87,7 @@ class CompletionsEndpoint:
     """Raw ASGI endpoint: the hot path skips FastAPI's request/response machinery."""
 
     route: str
-    model_cls: type[Request]
+    dialect: Dialect
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -42,19 +99,23 @@ class CompletionsEndpoint:
             body = await read_body(receive)
             # A large body's parse and checks (every text scanned) run in a worker thread, off the event loop.
             large = len(body) > gateway.settings.inline_parse_bytes
+            model_cls = self.dialect.model_cls
             if large:
-                data, request = await asyncio.to_thread(parse_request, body, self.model_cls)
+                data, request = await asyncio.to_thread(parse_request, body, model_cls)
             else:
-                data, request = parse_request(body, self.model_cls)
+                data, request = parse_request(body, model_cls)
             replicas = gateway.pools.get(request.model)
             if replicas is None:
                 raise ModelNotFound(f"The model '{request.model}' does not exist.", param="model")
             model_label = request.model
-            media = media_parts(request)
+            media = self.dialect.media(request)
             if large:
                 await asyncio.to_thread(check_against_pool, request, replicas.pool, media)
             else:
                 check_against_pool(request, replicas.pool, media)
+            namespace = scope["state"]["identity"].namespace
+            placement = self.dialect.placement(gateway, replicas, request, namespace)
+            only = _eligible(replicas, request.model, placement.only)
         except GatewayError as error:
             metrics.rejections.labels(self.route, error.code or error.type).inc()
             metrics.requests.labels(self.route, model_label, str(error.status)).inc()
@@ -71,11 +132,11 @@ class CompletionsEndpoint:
                 if media:
                     prepared = await gateway.media.prepare([m.part for m in media], pool)
                     visual_tokens = sum(item.visual_tokens for item in prepared)
-                    replace_media(data, media, prepared)
+                    self.dialect.replace_media(data, media, prepared)
                 key = None
                 if pool.routing == "affinity":
                     session = _header(scope, pool.session_header)
-                    key = routing_key(request, state["identity"].namespace, session, media, prepared)
+                    key = self.dialect.routing_key(request, namespace, session, media, prepared)
                 if request.prompt_cache_key is not None and not pool.forward_prompt_cache_key:
                     del data["prompt_cache_key"]  # used for routing here; vLLM sees it only if the pool says so
                     body = reserialise(data)
@@ -85,7 +146,9 @@ class CompletionsEndpoint:
                     state["identity"].key_id, estimated_tokens(request, visual_tokens)
                 )
                 send = with_headers(send, budget_headers)
-                opened = await gateway.upstream.open(replicas, self.route, body, state["request_id"], key)
+                make = placement.body_for
+                payload = body if make is None else lambda replica, sent=body: make(sent, replica)
+                opened = await gateway.upstream.open(replicas, self.route, payload, state["request_id"], key, only=only)
                 replicas.visual_tokens.inc(visual_tokens)
                 try:
                     outcome = await relay(
@@ -96,6 +159,7 @@ class CompletionsEndpoint:
                         timeouts=replicas.pool.timeouts,
                         started=started,
                         metrics=metrics,
+                        stream_error=self.dialect.stream_error,
                     )
                     opened.lease.settle(outcome.verdict)
                 finally:
@@ -116,6 +180,20 @@ class CompletionsEndpoint:
             metrics.of(metrics.request_duration, self.route, model_label).observe(time.perf_counter() - started)
 
 
+def _eligible(
+    replicas: ReplicaSet, model: str, pinned: Callable[[Replica], bool] | None
+) -> Callable[[Replica], bool] | None:
+    """The replicas that may answer: those serving the adapter a request names, within the dialect's own choice
+    (an error now, before the client waits, when the pool has none)."""
+    if model == replicas.pool.name:
+        return pinned
+    serving = [r for r in replicas.replicas if replicas.serves(r, model) and (pinned is None or pinned(r))]
+    if not serving:
+        raise ServiceUnavailable(f"No replica serving adapter '{model}' is available.", headers={"Retry-After": "5"})
+    chosen = set(serving)
+    return chosen.__contains__
+
+
 def _header(scope: Message, name: str) -> str | None:
     wanted = name.encode()
     for header, value in scope["headers"]:
@@ -125,7 +203,11 @@ def _header(scope: Message, name: str) -> str | None:
 
 
 def routing_key(
-    request: Request, namespace: str, session: str | None, media: list[ChatMedia], prepared: list[PreparedMedia]
+    request: ChatCompletionRequest | CompletionRequest,
+    namespace: str,
+    session: str | None,
+    media: list[ChatMedia],
+    prepared: list[PreparedMedia],
 ) -> bytes:
     """The request's affinity key: prompt_cache_key, else the session header, else the conversation's leading
     part — system/developer messages and the first user turn, each image or video by its content hash (so a URL,
@@ -153,4 +235,4 @@ def estimated_tokens(request: Request, visual_tokens: int) -> int:
     """What a request may cost against a tokens-per-minute budget: prompt (chars/4 or token ids), images, and
     the completion it asks room for (max_tokens, else 256) times n."""
     prompt = max(request.text_chars() // 4, getattr(request, "longest_token_prompt", lambda: 0)())
-    return prompt + visual_tokens + (request.requested_tokens() or 256) * request.n
+    return prompt + visual_tokens + (request.requested_tokens() or 256) * request.choice_count()

@@ -29,8 +29,12 @@ from gateway.embeddings.service import EmbeddingsService
 from gateway.errors import GatewayError, error_for_status, validation_error
 from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
+from gateway.responses import router as responses_router
+from gateway.responses.ids import ResponseIds
+from gateway.responses.protocol import ResponsesRequest
 from gateway.search import router as search_router
 from gateway.search.service import SearchService
+from gateway.server import adapters as adapters_router
 from gateway.server import health, models, retrieval_proxy
 from gateway.server.hotpath import HotPathDispatch
 from gateway.server.metrics_server import MetricsServer
@@ -70,6 +74,13 @@ async def _watch_keys_file(keys: KeyChecker, limiter: Limiter) -> None:
             limiter.update_keys(keys.rate_limits)
 
 
+def _response_ids(settings: Settings) -> ResponseIds:
+    secret = settings.responses.id_secret
+    if secret is None:
+        return ResponseIds.with_random_secret(settings.responses.ttl)
+    return ResponseIds(secret.get_secret_value().encode(), settings.responses.ttl)
+
+
 def _key_limiter(settings: Settings, keys: KeyChecker, metrics: GatewayMetrics) -> Limiter:
     local = KeyLimiter(settings.rate_limits, keys.rate_limits)
     if settings.rate_limits_redis_url is None:
@@ -104,7 +115,12 @@ def _openapi_with_raw_routes(app: FastAPI) -> dict[str, Any]:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for path, model in (("/v1/chat/completions", ChatCompletionRequest), ("/v1/completions", CompletionRequest)):
+    raw_routes = (
+        ("/v1/chat/completions", ChatCompletionRequest),
+        ("/v1/completions", CompletionRequest),
+        ("/v1/responses", ResponsesRequest),
+    )
+    for path, model in raw_routes:
         model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(model_schema.pop("$defs", {}))
         components[model.__name__] = model_schema
@@ -145,7 +161,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
         limiter = _key_limiter(settings, keys, metrics)
         app.state.gateway = GatewayState(
-            settings, metrics, pools, upstream, media, embedder, searcher, admission, limiter
+            settings, metrics, pools, upstream, media, embedder, searcher, admission, limiter, _response_ids(settings)
         )
         _drain_on_sigterm(admission, settings.drain_delay)
         metrics_server = MetricsServer(metrics, settings.host, settings.metrics_port)
@@ -177,6 +193,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="vlm-gateway", version="0.1.0", lifespan=lifespan, redoc_url=None)
     app.router.routes.extend(chat_router.routes)
+    app.router.routes.extend(responses_router.routes)
+    app.include_router(adapters_router.router)
     app.include_router(models.router)
     if settings.role == "proxy":
         app.router.routes.extend(retrieval_proxy.routes)
@@ -197,5 +215,9 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def hot_path(app: FastAPI, settings: Settings) -> HotPathDispatch:
-    endpoints = {route.path: route.endpoint for route in chat_router.routes if isinstance(route, Route)}
+    endpoints = {
+        route.path: route.endpoint
+        for route in (*chat_router.routes, *responses_router.routes)
+        if isinstance(route, Route) and route.methods == {"POST"} and "{" not in route.path
+    }
     return HotPathDispatch(app, endpoints, max_body_bytes=settings.max_body_bytes, keys=app.state.keys)

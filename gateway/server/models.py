@@ -33,6 +33,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "vlm-gateway"
+    parent: str | None = None  # an adapter's base model, as vLLM lists it
     capabilities: Capabilities
 
 
@@ -51,15 +52,18 @@ async def list_models(request: Request) -> ModelList:
     for name, replicas in gateway.pools.by_model.items():
         pool = replicas.pool
         limits = dict(pool.limit_mm_per_prompt)
-        capabilities = Capabilities(
-            vision=any(limits.values()),
-            limit_mm_per_prompt=limits,
-            max_model_len=pool.max_model_len,
-            quantization=pool.quantization,
-            replicas=ReplicaCounts(healthy=replicas.healthy_count(), total=len(replicas.replicas)),
-            routing=pool.routing,
-        )
-        cards.append(ModelCard(id=name, created=gateway.started_at, capabilities=capabilities))
+        for served in (name, *replicas.adapter_names()):
+            serving = [r for r in replicas.replicas if replicas.serves(r, served)]
+            capabilities = Capabilities(
+                vision=any(limits.values()),
+                limit_mm_per_prompt=limits,
+                max_model_len=pool.max_model_len,
+                quantization=pool.quantization,
+                replicas=ReplicaCounts(healthy=replicas.healthy_count(serving), total=len(serving)),
+                routing=pool.routing,
+            )
+            parent = None if served == name else name
+            cards.append(ModelCard(id=served, created=gateway.started_at, parent=parent, capabilities=capabilities))
     embedder = gateway.embeddings
     if embedder.enabled:
         encoder = embedder.encoder

@@ -11,6 +11,7 @@ from gateway.config import Settings
 from gateway.embeddings.service import EmbeddingsService
 from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
+from gateway.responses.ids import ResponseIds
 from gateway.search.service import SearchService
 from gateway.upstream.client import UpstreamClient
 from gateway.upstream.pool import Pools
@@ -27,4 +28,5 @@ class GatewayState:
     search: SearchService
     admission: Admission
     limiter: Limiter
+    response_ids: ResponseIds
     started_at: int = field(default_factory=lambda: int(time.time()))

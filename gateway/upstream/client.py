@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -125,21 +126,31 @@ class UpstreamClient:
         self.retry_budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_burst)
 
     async def open(
-        self, replicas: ReplicaSet, path: str, body: bytes, request_id: str, key: bytes | None = None
+        self,
+        replicas: ReplicaSet,
+        path: str,
+        body: bytes | Callable[[Replica], bytes],
+        request_id: str,
+        key: bytes | None = None,
+        *,
+        only: Callable[[Replica], bool] | None = None,
+        method: str = "POST",
     ) -> OpenedUpstream:
         """Send the request, failing over to another replica until one yields its status and first chunk.
 
         Failover happens only here, before anything reached the client: connect errors and resets try the next
         replica; a 429/503 cools the replica down and is retried once elsewhere. The opened replica's lease is
-        the caller's to settle once the relay is done.
+        the caller's to settle once the relay is done. `only` narrows the replicas that may answer (those serving
+        an adapter, the one holding a stored response); `body` may be made per replica (ids that name it).
         """
         model = replicas.pool.name
         tried: set[Replica] = set()
+        ineligible = {r for r in replicas.replicas if not only(r)} if only is not None else set()
         saturated_retry_used = False
         last_error: GatewayError | None = None
         self.retry_budget.earn()
         while True:
-            replica, outcome = replicas.pick(tried, key)
+            replica, outcome = replicas.pick(tried | ineligible if ineligible else tried, key)
             if replica is None:
                 break
             if outcome is not None and not tried:
@@ -153,7 +164,8 @@ class UpstreamClient:
             tried.add(replica)
             lease = Lease.acquire(replicas, replica)
             try:
-                return await self._open_one(lease, path, body, request_id, replicas.pool.timeouts)
+                payload = body if isinstance(body, bytes) else body(replica)
+                return await self._open_one(lease, method, path, payload, request_id, replicas.pool.timeouts)
             except _ReplicaUnreachable as exc:
                 lease.settle(Verdict.UNREACHABLE)
                 self.metrics.upstream_errors.labels(model, "connect").inc()
@@ -190,7 +202,7 @@ class UpstreamClient:
         )
 
     async def _open_one(
-        self, lease: Lease, path: str, body: bytes, request_id: str, timeouts: Timeouts
+        self, lease: Lease, method: str, path: str, body: bytes, request_id: str, timeouts: Timeouts
     ) -> OpenedUpstream:
         replica = lease.replica
         headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
@@ -200,7 +212,9 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(timeouts.first_token):
                 with map_upstream_errors():
-                    response = await self.session.post(url, data=body, headers=headers, timeout=per_request)
+                    response = await self.session.request(
+                        method, url, data=body or None, headers=headers, timeout=per_request
+                    )
                 if response.status in RETRYABLE_STATUSES:
                     retry_after = _retry_after(response, 0.0)
                     response.release()

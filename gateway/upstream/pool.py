@@ -14,6 +14,7 @@ from prometheus_client import Gauge
 
 from gateway.config import ModelPool, Settings
 from gateway.metrics import GatewayMetrics
+from gateway.upstream.adapters import sync_adapters
 from gateway.upstream.discovery import DiscoveryFailed, Resolver, discover, system_resolver
 from gateway.upstream.errors import TransportError, map_upstream_errors
 from gateway.upstream.gate import Gate
@@ -35,6 +36,8 @@ class Replica:
     consecutive_failures: int = field(default=0)
     breaker_open: bool = False
     probing: bool = False  # a half-open breaker lets exactly one request through
+    # The LoRA adapters this replica's /v1/models listed at its last health check; None until it answered once.
+    adapters: frozenset[str] | None = None
 
     def available(self, now: float) -> bool:
         if not self.healthy or now < self.cooldown_until:
@@ -57,6 +60,21 @@ class ReplicaSet:
         self._rotation = 0
         self.replicas = [self._new_replica(url) for url in pool.upstreams]
         self.discovered = False  # whether `discover` has answered once (until then the pool is not "empty")
+        self.static_adapters = frozenset(adapter.name for adapter in pool.lora_modules)
+        # Adapters loaded through POST /v1/adapters: name -> path, re-applied to a replica that lacks one.
+        self.dynamic_adapters: dict[str, str] = {}
+
+    def adapter_names(self) -> list[str]:
+        return [*self.static_adapters, *(n for n in self.dynamic_adapters if n not in self.static_adapters)]
+
+    def serves(self, replica: Replica, model: str) -> bool:
+        """Whether `replica` can answer for `model`: the base model always; an adapter once its /v1/models lists
+        it (a configured one is assumed until the replica's first check, as health is)."""
+        if model == self.pool.name:
+            return True
+        if replica.adapters is None:
+            return model in self.static_adapters
+        return model in replica.adapters
 
     def _new_replica(self, url: str) -> Replica:
         metrics, name = self._metrics, self.pool.name
@@ -169,9 +187,9 @@ class ReplicaSet:
         replica.healthy = True
         replica.healthy_gauge.set(1)
 
-    def healthy_count(self) -> int:
+    def healthy_count(self, among: list[Replica] | None = None) -> int:
         now = time.monotonic()
-        return sum(r.available(now) for r in self.replicas)
+        return sum(r.available(now) for r in (self.replicas if among is None else among))
 
 
 class Pools:
@@ -191,7 +209,13 @@ class Pools:
         self._session: aiohttp.ClientSession | None = None
 
     def get(self, model: str) -> ReplicaSet | None:
-        return self.by_model.get(model)
+        """The pool serving `model`: a base model's own, or the one whose replicas serve that adapter."""
+        found = self.by_model.get(model)
+        if found is not None:
+            return found
+        return next(
+            (rs for rs in self.by_model.values() if model in rs.static_adapters or model in rs.dynamic_adapters), None
+        )
 
     async def start(self) -> None:
         """Discover once before the first request (a discovered pool starts with its replicas), then keep
@@ -259,5 +283,7 @@ class Pools:
             ok = False
         if ok:
             replica_set.mark_up(replica)
+            if replica_set.static_adapters or replica_set.dynamic_adapters:
+                await sync_adapters(session, replica_set, replica, timeout)
         else:
             replica_set.mark_down(replica)

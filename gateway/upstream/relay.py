@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,24 +48,41 @@ class RelayOutcome:
 
 def _usage_from(payload: Any) -> tuple[int, int]:
     usage = payload.get("usage") if isinstance(payload, dict) else None
+    if not isinstance(usage, dict) and isinstance(payload, dict) and isinstance(payload.get("response"), dict):
+        usage = payload["response"].get("usage")  # a Responses event wraps the response
+    return _counts(usage)
+
+
+def _counts(usage: Any) -> tuple[int, int]:
+    """(prompt, completion) tokens from chat's usage or the Responses API's (input_tokens, output_tokens)."""
     if not isinstance(usage, dict):
         return 0, 0
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
     return (prompt if isinstance(prompt, int) else 0, completion if isinstance(completion, int) else 0)
 
 
+_DECODER = json.JSONDecoder()
+
+
 def usage_from_stream_tail(tail: bytes) -> tuple[int, int]:
+    """The last usage object in a stream's tail: chat's final chunk, or Responses' `response.completed` event
+    (whose full response may begin before the tail; only the usage object itself is decoded)."""
     at = tail.rfind(USAGE_MARK)
     if at < 0:
         return 0, 0
-    start = tail.rfind(b"data: ", 0, at)
-    end = tail.find(b"\n", at)
-    if start < 0 or end < 0:
-        return 0, 0
     try:
-        return _usage_from(orjson.loads(tail[start + 6 : end]))
-    except orjson.JSONDecodeError:
+        usage, _ = _DECODER.raw_decode(tail[at + len(USAGE_MARK) - 1 :].decode("utf-8", "replace"))
+    except ValueError:
         return 0, 0
+    return _counts(usage)
+
+
+StreamError = Callable[[GatewayError, bytes], bytes]
+
+
+def chat_stream_error(error: GatewayError, tail: bytes) -> bytes:
+    return sse_error_frame(error)
 
 
 class ClientWatch:
@@ -96,11 +115,14 @@ async def relay(
     timeouts: Timeouts,
     started: float,
     metrics: GatewayMetrics,
+    stream_error: StreamError = chat_stream_error,
 ) -> RelayOutcome:
+    """Relay the opened response; `stream_error` writes the event that ends a stream the replica broke off (its
+    dialect's: chat's `data: {"error"}` + `[DONE]`, or the Responses API's `event: error`)."""
     watch = ClientWatch(receive, opened.response)
     try:
         if stream:
-            return await _relay_stream(opened, send, timeouts, started, metrics, watch)
+            return await _relay_stream(opened, send, timeouts, started, metrics, watch, stream_error)
         return await _relay_whole(opened, send, timeouts, started, metrics, watch)
     finally:
         await watch.stop()
@@ -146,6 +168,7 @@ async def _relay_stream(
     started: float,
     metrics: GatewayMetrics,
     watch: ClientWatch,
+    stream_error: StreamError,
 ) -> RelayOutcome:
     model = opened.replica.model
     outcome = RelayOutcome()
@@ -188,7 +211,7 @@ async def _relay_stream(
         return outcome
     if error is not None:
         outcome.status = error.status
-        await send({"type": "http.response.body", "body": sse_error_frame(error), "more_body": False})
+        await send({"type": "http.response.body", "body": stream_error(error, previous + last), "more_body": False})
         return outcome
     outcome.prompt_tokens, outcome.completion_tokens = usage_from_stream_tail(previous + last)
     await send({"type": "http.response.body", "body": b"", "more_body": False})

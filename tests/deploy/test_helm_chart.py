@@ -237,6 +237,37 @@ def test_awq_profile_scales_to_zero_and_wakes_on_arrivals(tmp_path: Path) -> Non
     assert "--quantization=awq" in args
 
 
+def test_lora_pools_serve_their_adapters_and_the_gateway_knows_them(tmp_path: Path) -> None:
+    pool = copy.deepcopy(yaml.safe_load((CHART / "values.yaml").read_text())["vllm"]["pools"][0])
+    pool["lora"] = {
+        "enabled": True,
+        "maxLoras": 2,
+        "maxLoraRank": 32,
+        "modules": [{"name": "captioner", "path": "/adapters/captioner"}],
+        "runtimeLoading": True,
+        "volume": {"existingClaim": "adapters", "mountPath": "/adapters"},
+    }
+    values = {"vllm": {"pools": [pool]}, "gateway": {"responsesIdSecret": {"existingSecret": "ids", "key": "k"}}}
+    objects = render(tmp_path, values)
+    vllm = pod_spec(next(d for d in by_kind(objects, "Deployment") if "vllm" in d["metadata"]["name"]))
+    container = vllm["containers"][0]
+    args = container["args"]
+    assert "--enable-lora" in args and "--max-loras=2" in args and "--max-lora-rank=32" in args
+    assert args[args.index("--lora-modules") + 1] == "captioner=/adapters/captioner"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["VLLM_ENABLE_RESPONSES_API_STORE"] == "1" and env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "1"
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "adapters")
+    assert mount == {"name": "adapters", "mountPath": "/adapters", "readOnly": True}
+    volume = next(v for v in vllm["volumes"] if v["name"] == "adapters")
+    assert volume["persistentVolumeClaim"] == {"claimName": "adapters", "readOnly": True}
+    proxy = Settings.model_validate(yaml.safe_load(by_kind(objects, "ConfigMap")[0]["data"]["gateway.yaml"]))
+    assert [(m.name, m.path) for m in proxy.models[0].lora_modules] == [("captioner", "/adapters/captioner")]
+    assert proxy.models[0].adapter_roots == ["/adapters"]
+    gateway = pod_spec(next(d for d in by_kind(objects, "Deployment") if d["metadata"]["name"].endswith("gateway")))
+    secret = next(e for e in gateway["containers"][0]["env"] if e["name"] == "GATEWAY_RESPONSES__ID_SECRET")
+    assert secret["valueFrom"]["secretKeyRef"] == {"name": "ids", "key": "k"}
+
+
 @pytest.mark.parametrize(
     ("values", "complaint"),
     [
@@ -246,6 +277,8 @@ def test_awq_profile_scales_to_zero_and_wakes_on_arrivals(tmp_path: Path) -> Non
         ({"gateway": {"apiKeys": {"existingSecret": "s", "key": "k", "value": "sk-plain"}}}, "value"),
         ({"gateway": {"port": 70000}}, "port"),
         ({"keda": {"enabled": False}}, "autoscaling needs keda.enabled"),
+        ({"vllm": {"pools": [{"name": "p", "lora": {"maxLoraRank": 7}}]}}, "maxLoraRank"),
+        ({"vllm": {"pools": [{"name": "p", "lora": {"modules": [{"name": "x", "path": "rel"}]}}]}}, "path"),
     ],
 )
 def test_bad_values_fail_at_install(tmp_path: Path, values: dict[str, Any], complaint: str) -> None:

@@ -21,31 +21,32 @@ from tests.support import RunningGateway, metric_value, run_gateway, write_confi
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny-qwen-vl"
+ADAPTER = "tiny-lora"  # the tiny LoRA adapter (scripts/setup builds it) both replicas serve by name
 API_KEY = "sk-e2e-test-key"
 VLLM_LIMITS = {"image": 2, "video": 1}
 MAX_MODEL_LEN = 8192
 
 
-def _stack_paths() -> tuple[Path, Path]:
+def _stack_paths() -> tuple[Path, Path, Path]:
     values = dict(os.environ)
     env_file = ROOT / ".cache" / "stack.env"
     if env_file.is_file():
         for line in env_file.read_text().splitlines():
             name, _, value = line.partition("=")
             values.setdefault(name, value)
-    python, model_dir = values.get("VLLM_PYTHON"), values.get("TINY_MODEL_DIR")
-    if not (python and model_dir and Path(python).exists() and Path(model_dir).is_dir()):
+    python, model_dir, lora_dir = values.get("VLLM_PYTHON"), values.get("TINY_MODEL_DIR"), values.get("TINY_LORA_DIR")
+    if not (python and model_dir and lora_dir and Path(python).exists() and Path(model_dir).is_dir()):
         message = "vLLM CPU build or tiny checkpoint missing: run scripts/setup (scripts/test does)"
         if os.environ.get("GATEWAY_E2E") == "required":
             pytest.fail(message)
         pytest.skip(message)
-    return Path(python), Path(model_dir)
+    return Path(python), Path(model_dir), Path(lora_dir)
 
 
 class Replica:
     """A vLLM replica a test may kill, freeze or restart; `ensure_running` brings it back for the next test."""
 
-    def __init__(self, python: Path, model_dir: Path, log_dir: Path, name: str) -> None:
+    def __init__(self, python: Path, model_dir: Path, lora_dir: Path, log_dir: Path, name: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: ManagedProcess = vllm_process(
@@ -56,6 +57,7 @@ class Replica:
             log_path=log_dir / f"vllm-{name}.log",
             limit_mm_per_prompt=VLLM_LIMITS,
             max_model_len=MAX_MODEL_LEN,
+            lora_modules={ADAPTER: lora_dir},
         )
 
     def start(self) -> None:
@@ -78,14 +80,18 @@ class Replica:
     def generated_tokens(self) -> float:
         return metric_value(self.metrics(), "vllm:generation_tokens_total")
 
+    def requests_done(self) -> float:
+        """Every request this replica finished, whatever the reason."""
+        return metric_value(self.metrics(), "vllm:request_success_total")
+
     def finished(self, reason: str) -> float:
         return metric_value(self.metrics(), "vllm:request_success_total", {"finished_reason": reason})
 
 
 @pytest.fixture(scope="session")
 def replicas(log_dir: Path) -> Iterator[list[Replica]]:
-    python, model_dir = _stack_paths()
-    pair = [Replica(python, model_dir, log_dir, name) for name in ("a", "b")]
+    python, model_dir, lora_dir = _stack_paths()
+    pair = [Replica(python, model_dir, lora_dir, log_dir, name) for name in ("a", "b")]
     for replica in pair:
         replica.start()
     try:
@@ -102,6 +108,10 @@ def live_replicas(replicas: list[Replica]) -> list[Replica]:
     for replica in replicas:
         replica.ensure_running()
     return replicas
+
+
+def lora_dir() -> Path:
+    return _stack_paths()[2]
 
 
 def placeholder_ids() -> list[int]:

@@ -16,10 +16,11 @@ from gateway.config import load_settings
 from gateway.server.serve import serve
 from tests.harness.processes import vllm_process
 
+ADAPTER = "tiny-lora"
 LOCAL_BANNER = """
 ==============================================================================================
  vlm-gateway local stack is up
-   gateway : http://127.0.0.1:{gateway_port}/v1     (model "{model}")
+   gateway : http://127.0.0.1:{gateway_port}/v1     (model "{model}"{adapter_note})
    vLLM    : http://127.0.0.1:{vllm_port}           (CPU build, log: {vllm_log})
    metrics : http://127.0.0.1:{gateway_port}/metrics
    embeddings: model "clip-tiny-random" (random-weight CLIP, 64-d) at /v1/embeddings
@@ -38,10 +39,19 @@ print(c.chat.completions.create(model='{model}', messages=[{{'role': 'user', 'co
 
 
 def run_local_stack(
-    vllm_python: Path, model_dir: Path, *, model: str, gateway_port: int, vllm_port: int, log_dir: Path
+    vllm_python: Path,
+    model_dir: Path,
+    *,
+    model: str,
+    gateway_port: int,
+    vllm_port: int,
+    log_dir: Path,
+    lora_dir: Path | None = None,
 ) -> None:
-    """vLLM's CPU build on the tiny checkpoint, then the gateway in this process in front of it."""
+    """vLLM's CPU build on the tiny checkpoint (and its LoRA adapter, when given), then the gateway in this
+    process in front of it."""
     limits = {"image": 2, "video": 1}
+    adapters = {ADAPTER: lora_dir} if lora_dir is not None else {}
     vllm = vllm_process(
         vllm_python,
         model_dir,
@@ -50,6 +60,7 @@ def run_local_stack(
         log_path=log_dir / "vllm.log",
         limit_mm_per_prompt=limits,
         max_model_len=8192,
+        lora_modules=adapters,
     )
     print(f"starting vLLM (CPU) on :{vllm_port}; this takes about a minute...", flush=True)
     started = time.monotonic()
@@ -62,12 +73,19 @@ def run_local_stack(
             "upstreams": [f"http://127.0.0.1:{vllm_port}"],
             "limit_mm_per_prompt": limits,
             "max_model_len": 8192,
+            "lora_modules": [{"name": name, "path": str(path)} for name, path in adapters.items()],
         }
         settings = load_settings(port=gateway_port, models=[pool], embeddings={"clip_model": "tiny-random"})
         # uvicorn re-raises SIGTERM once it has shut down; exiting through Python lets `finally` stop vLLM too.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         print(
-            LOCAL_BANNER.format(gateway_port=gateway_port, vllm_port=vllm_port, model=model, vllm_log=vllm.log_path),
+            LOCAL_BANNER.format(
+                gateway_port=gateway_port,
+                vllm_port=vllm_port,
+                model=model,
+                vllm_log=vllm.log_path,
+                adapter_note=f', adapter "{ADAPTER}"' if adapters else "",
+            ),
             flush=True,
         )
         serve(settings)
@@ -83,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--vllm-port", type=int, default=8000)
     parser.add_argument("--log-dir", type=Path, default=Path(".cache/logs"))
+    parser.add_argument("--lora-dir", type=Path, default=None, help=f"a LoRA adapter to serve as {ADAPTER!r}")
     args = parser.parse_args(argv)
     run_local_stack(
         args.vllm_python,
@@ -91,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         gateway_port=args.port,
         vllm_port=args.vllm_port,
         log_dir=args.log_dir,
+        lora_dir=args.lora_dir,
     )
 
 

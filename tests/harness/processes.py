@@ -121,7 +121,10 @@ def vllm_process(
     log_path: Path,
     limit_mm_per_prompt: dict[str, int],
     max_model_len: int = 2048,
+    lora_modules: dict[str, Path] | None = None,
 ) -> ManagedProcess:
+    """vLLM's OpenAI server on the CPU build. It stores responses (so `previous_response_id` and GET work), and
+    with `lora_modules` it serves those adapters by name and lets adapters be loaded at runtime."""
     argv = [
         str(python),
         "-m",
@@ -142,6 +145,7 @@ def vllm_process(
         json.dumps(limit_mm_per_prompt),
     ]
     env = {
+        "VLLM_ENABLE_RESPONSES_API_STORE": "1",
         "VLLM_CPU_KVCACHE_SPACE": "1",
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         "OMP_NUM_THREADS": "1",
@@ -150,6 +154,10 @@ def vllm_process(
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
     }
+    if lora_modules:
+        argv += ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--max-cpu-loras", "4"]
+        argv += ["--lora-modules", *(f"{name}={path}" for name, path in lora_modules.items())]
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
     return ManagedProcess(argv, log_path, f"http://127.0.0.1:{port}/health", env)
 
 

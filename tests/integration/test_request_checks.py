@@ -203,7 +203,6 @@ async def test_unknown_model_is_404(gateway: RunningGateway) -> None:
         "/collective_rpc",
         "/reset_prefix_cache",
         "/sleep",
-        "/v1/responses",
         "/v1/audio/transcriptions",
         "/invocations",
     ],

@@ -59,6 +59,16 @@ breaks per pod rather than per ClusterIP. */}}
 {{- $discover := printf "http://%s.%s.svc:%d" (include "vlm.poolName" (list $ .)) $.Release.Namespace (int $.Values.vllm.port) -}}
 {{- $quant := .quantization | default "bf16" -}}
 {{- $pool := dict "name" .servedModelName "discover" $discover "limit_mm_per_prompt" .limitMmPerPrompt "max_model_len" .maxModelLen "quantization" $quant "min_pixels" .minPixels "max_pixels" .maxPixels -}}
+{{- if (.lora).enabled -}}
+{{- $modules := list -}}
+{{- range .lora.modules -}}
+{{- $modules = append $modules (dict "name" .name "path" .path) -}}
+{{- end -}}
+{{- $_ := set $pool "lora_modules" $modules -}}
+{{- if .lora.runtimeLoading -}}
+{{- $_ := set $pool "adapter_roots" (list .lora.volume.mountPath) -}}
+{{- end -}}
+{{- end -}}
 {{- $models = append $models (mergeOverwrite $pool (.gatewayPool | default dict)) -}}
 {{- end -}}
 {{- $base := dict "role" "proxy" "host" "0.0.0.0" "port" .Values.gateway.port "metrics_port" .Values.gateway.metricsPort "log_level" .Values.gateway.logLevel "models" $models "drain_delay" 0 "drain_timeout" .Values.gateway.drainTimeoutSeconds -}}

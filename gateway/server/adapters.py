@@ -1,0 +1,86 @@
+"""`POST /v1/adapters` and `DELETE /v1/adapters/{name}` (admin): load or unload a LoRA adapter on every replica of
+a pool, through vLLM's own `/v1/load_lora_adapter` (which the gateway never exposes).
+
+A path must lie inside one of the pool's `adapter_roots` (paths as the replicas see them: a shared volume), so a
+caller cannot make a replica read an arbitrary file or fetch a URL. The gateway remembers what it loaded and
+re-applies it to a replica that comes back without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.config import ADAPTER_NAME_PATTERN
+from gateway.errors import Conflict, InvalidRequest, NotFound, UpstreamError
+from gateway.server.state import GatewayState
+from gateway.upstream.adapters import allowed_adapter_path, load_on, unload_on
+from gateway.upstream.pool import ReplicaSet
+
+router = APIRouter()
+ADAPTER_CALL_TIMEOUT = aiohttp.ClientTimeout(total=120)  # loading reads the weights from the volume
+
+
+class LoadAdapter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256, pattern=ADAPTER_NAME_PATTERN)
+    path: str = Field(min_length=1, max_length=4096)
+    model: str | None = Field(None, max_length=256, description="the base model's pool (needed if several allow it)")
+
+
+class AdapterState(BaseModel):
+    name: str
+    parent: str
+    replicas: int
+
+
+def _pool_for(gateway: GatewayState, model: str | None) -> ReplicaSet:
+    candidates = [rs for rs in gateway.pools.by_model.values() if rs.pool.adapter_roots]
+    if model is not None:
+        candidates = [rs for rs in candidates if rs.pool.name == model]
+    if not candidates:
+        raise InvalidRequest("No model pool allows loading adapters (adapter_roots).", param="model")
+    if len(candidates) > 1:
+        raise InvalidRequest("Several model pools allow adapters: name one in `model`.", param="model")
+    return candidates[0]
+
+
+@router.post("/v1/adapters", response_model=AdapterState)
+async def load_adapter(body: LoadAdapter, request: Request) -> AdapterState:
+    gateway: GatewayState = request.app.state.gateway
+    replicas = _pool_for(gateway, body.model)
+    if not allowed_adapter_path(body.path, replicas.pool.adapter_roots):
+        raise InvalidRequest("The adapter path must lie inside one of the pool's adapter roots.", param="path")
+    if gateway.pools.get(body.name) is not None and body.name not in replicas.dynamic_adapters:
+        raise Conflict(f"The name '{body.name}' is already a model or configured adapter.", param="name")
+    session = gateway.upstream.session
+    targets = [r for r in replicas.replicas if r.healthy]
+    errors = await asyncio.gather(*(load_on(session, r, body.name, body.path, ADAPTER_CALL_TIMEOUT) for r in targets))
+    loaded = [r for r, error in zip(targets, errors, strict=True) if error is None]
+    if not loaded:
+        reason = next((e for e in errors if e), "no replica is healthy")
+        raise UpstreamError(f"No replica loaded adapter '{body.name}': {reason}")
+    replicas.dynamic_adapters[body.name] = body.path
+    for replica in loaded:
+        replica.adapters = (replica.adapters or frozenset()) | {body.name}
+    return AdapterState(name=body.name, parent=replicas.pool.name, replicas=len(loaded))
+
+
+@router.delete("/v1/adapters/{name}", response_model=AdapterState)
+async def unload_adapter(name: str, request: Request) -> AdapterState:
+    gateway: GatewayState = request.app.state.gateway
+    replicas = next((rs for rs in gateway.pools.by_model.values() if name in rs.dynamic_adapters), None)
+    if replicas is None:
+        raise NotFound(f"No adapter '{name[:256]}' was loaded through the gateway.", param="name")
+    del replicas.dynamic_adapters[name]  # first: a replica coming back must not get it re-applied
+    session = gateway.upstream.session
+    targets = [r for r in replicas.replicas if r.healthy]
+    await asyncio.gather(*(unload_on(session, r, name, ADAPTER_CALL_TIMEOUT) for r in targets))
+    for replica in replicas.replicas:
+        if replica.adapters is not None:
+            replica.adapters = replica.adapters - {name}
+    return AdapterState(name=name, parent=replicas.pool.name, replicas=0)

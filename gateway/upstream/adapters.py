@@ -1,0 +1,102 @@
+"""LoRA adapters on the replicas: which each one serves, and loading or unloading one on all of a pool's.
+
+A replica's adapters are read from its own `/v1/models` (adapters carry `parent` = the base model) at each health
+check, so routing follows what the replica really serves, not what it was configured with. Adapters loaded
+through the gateway are re-applied to a replica that comes back without them (a restart loses them).
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from typing import TYPE_CHECKING
+
+import aiohttp
+import orjson
+
+from gateway.upstream.errors import TransportError, map_upstream_errors
+
+if TYPE_CHECKING:
+    from gateway.upstream.pool import Replica, ReplicaSet
+
+log = logging.getLogger("gateway.adapters")
+MAX_MODELS_BYTES = 1024 * 1024  # a /v1/models answer past this is not read (256 adapters fit in a few KB)
+
+
+async def listed_adapters(
+    session: aiohttp.ClientSession, replica: Replica, base_model: str, within: aiohttp.ClientTimeout
+) -> frozenset[str] | None:
+    """The adapter names the replica's /v1/models lists under `base_model`, or None if it did not answer."""
+    try:
+        with map_upstream_errors():
+            async with session.get(f"{replica.base_url}/v1/models", timeout=within) as response:
+                if response.status != 200:
+                    return None
+                body = await response.content.read(MAX_MODELS_BYTES + 1)
+    except (TransportError, TimeoutError):
+        return None
+    if len(body) > MAX_MODELS_BYTES:
+        return None
+    try:
+        cards = orjson.loads(body).get("data", [])
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return frozenset(
+        card["id"]
+        for card in cards
+        if isinstance(card, dict) and isinstance(card.get("id"), str) and card.get("parent") == base_model
+    )
+
+
+async def sync_adapters(
+    session: aiohttp.ClientSession, replica_set: ReplicaSet, replica: Replica, within: aiohttp.ClientTimeout
+) -> None:
+    listed = await listed_adapters(session, replica, replica_set.pool.name, within)
+    if listed is None:
+        return
+    for name, path in list(replica_set.dynamic_adapters.items()):
+        if name not in listed and await load_on(session, replica, name, path, within) is None:
+            log.info("adapter %s re-applied to replica %s", name, replica.base_url)
+            listed = listed | {name}
+    replica.adapters = listed
+
+
+async def load_on(
+    session: aiohttp.ClientSession, replica: Replica, name: str, path: str, within: aiohttp.ClientTimeout
+) -> str | None:
+    """Load one adapter on one replica: None when it serves it, else why not (vLLM's own message)."""
+    body = {"lora_name": name, "lora_path": path}
+    return await _post(session, f"{replica.base_url}/v1/load_lora_adapter", body, within)
+
+
+async def unload_on(
+    session: aiohttp.ClientSession, replica: Replica, name: str, within: aiohttp.ClientTimeout
+) -> str | None:
+    return await _post(session, f"{replica.base_url}/v1/unload_lora_adapter", {"lora_name": name}, within)
+
+
+async def _post(
+    session: aiohttp.ClientSession, url: str, body: dict[str, str], within: aiohttp.ClientTimeout
+) -> str | None:
+    try:
+        with map_upstream_errors():
+            async with session.post(url, json=body, timeout=within) as response:
+                if response.status == 200:
+                    return None
+                text = (await response.content.read(4096)).decode("utf-8", "replace")
+    except (TransportError, TimeoutError):
+        return "the replica did not answer"
+    try:
+        message = orjson.loads(text).get("error", {}).get("message")
+    except (orjson.JSONDecodeError, AttributeError):
+        message = None
+    return str(message or text or f"status {response.status}")[:512]
+
+
+def allowed_adapter_path(path: str, roots: list[str]) -> bool:
+    """An absolute, already-normal path (no `..`, no `//`, no URL) strictly inside one of `roots`."""
+    if not path.startswith("/") or "://" in path or "\\" in path or "\x00" in path:
+        return False
+    if posixpath.normpath(path) != path:
+        return False
+    return any(path.startswith(root.rstrip("/") + "/") for root in roots if root.startswith("/"))
