@@ -1,0 +1,92 @@
+"""A large JPEG decodes at a smaller DCT scale, yet the prepared image has exactly the size (so the visual tokens)
+and, within JPEG noise, the pixels of a full decode and resize: orientation, modes and formats included."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+from PIL import Image, ImageChops, ImageOps, ImageStat
+
+from gateway.media.images import PATCH, prepare_image, smart_resize
+
+MIN_PIXELS, ONE_MEGAPIXEL = 4 * 28 * 28, 1280 * 28 * 28
+
+
+def _photo(width: int, height: int, mode: str = "RGB") -> Image.Image:
+    image = Image.effect_mandelbrot((width, height), (-2.0, -1.5, 1.0, 1.5), 60)
+    return image.convert(mode)
+
+
+def _encode(image: Image.Image, fmt: str = "JPEG", orientation: int | None = None) -> bytes:
+    out = io.BytesIO()
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        image.save(out, fmt, quality=92, exif=exif)
+    else:
+        image.save(out, fmt, quality=92) if fmt == "JPEG" else image.save(out, fmt)
+    return out.getvalue()
+
+
+def _reference(data: bytes, max_pixels: int) -> Image.Image:
+    """The old path: decode at full size, orient, flatten, bicubic resize."""
+    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    height, width = smart_resize(image.height, image.width, MIN_PIXELS, max_pixels)
+    return image.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def _prepared(data: bytes, max_pixels: int) -> tuple[Image.Image, int]:
+    prepared = prepare_image(
+        data,
+        min_pixels=MIN_PIXELS,
+        max_pixels=max_pixels,
+        max_decode_pixels=10**8,
+        formats=("JPEG", "PNG"),
+        param="p",
+    )
+    raw = base64.b64decode(prepared.data_url.split(",", 1)[1])
+    return Image.open(io.BytesIO(raw)).convert("RGB"), prepared.visual_tokens
+
+
+@pytest.mark.parametrize(
+    ("size", "mode", "fmt", "orientation", "max_pixels"),
+    [
+        ((4032, 3024), "RGB", "JPEG", None, ONE_MEGAPIXEL),  # a phone photo into ~1 MP: decoded at 1/2
+        ((4032, 3024), "RGB", "JPEG", 6, ONE_MEGAPIXEL),  # stored landscape, shown portrait
+        ((3024, 4032), "RGB", "JPEG", 8, ONE_MEGAPIXEL),
+        ((4000, 1000), "L", "JPEG", None, 200 * 28 * 28),  # grayscale, small budget: 1/8 scale
+        ((2400, 1800), "CMYK", "JPEG", None, ONE_MEGAPIXEL),
+        ((2048, 1536), "RGB", "JPEG", None, 16384 * 28 * 28),  # within the default budget: no shrink at all
+        ((1500, 1500), "RGB", "PNG", None, ONE_MEGAPIXEL),  # not a JPEG: full decode as before
+    ],
+)
+def test_the_prepared_image_matches_a_full_decode(
+    size: tuple[int, int], mode: str, fmt: str, orientation: int | None, max_pixels: int
+) -> None:
+    data = _encode(_photo(*size, mode=mode), fmt, orientation)
+    expected = _reference(data, max_pixels)
+    got, tokens = _prepared(data, max_pixels)
+    assert got.size == expected.size, "same size, so the same visual tokens for vLLM"
+    assert tokens == (expected.height // PATCH) * (expected.width // PATCH)
+    difference = ImageStat.Stat(ImageChops.difference(got, expected)).mean
+    assert max(difference) < 6, difference  # of 255: JPEG noise, not a different or rotated picture
+    flipped = ImageStat.Stat(ImageChops.difference(got, expected.transpose(Image.Transpose.ROTATE_180))).mean
+    assert max(flipped) > max(difference) * 2, "the check can tell a wrong orientation apart"
+
+
+def test_a_large_jpeg_is_decoded_at_a_smaller_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import JpegImagePlugin
+
+    decoded: list[tuple[int, int]] = []
+    original = JpegImagePlugin.JpegImageFile.load
+
+    def recording_load(self: JpegImagePlugin.JpegImageFile) -> object:
+        result = original(self)
+        decoded.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", recording_load)
+    _prepared(_encode(_photo(4032, 3024)), ONE_MEGAPIXEL)
+    assert decoded and decoded[0] == (2016, 1512), decoded  # 1/2 scale: still above the 1148x840 target
