@@ -275,6 +275,10 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535)
     metrics_port: int | None = Field(None, ge=0, le=65535)  # None: /metrics on the main port
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # One line per /v1 request (method, route, status, duration, request id, trace id, key id): off by default,
+    # as it costs more than the rest of the proxy path. "json" writes every log line as one JSON object.
+    access_log: bool = False
+    log_format: Literal["text", "json"] = "text"
 
     models: list[ModelPool] = Field(default_factory=list, max_length=256)
     media: MediaSettings = Field(default_factory=MediaSettings)

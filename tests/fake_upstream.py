@@ -43,6 +43,7 @@ class FakeVllm:
     hits: int = 0
     bodies: list[bytes] = field(default_factory=list)
     request_ids: list[str] = field(default_factory=list)
+    traceparents: list[str] = field(default_factory=list)  # the W3C header each generation request carried
     aborted: int = 0  # stalled requests whose connection the gateway closed (what makes vLLM abort one)
     # What /v1/models lists (id -> parent); the base model is "m". Adapter loads add to it, as vLLM's do.
     models: dict[str, str | None] = field(default_factory=lambda: {"m": None})
@@ -178,6 +179,7 @@ class FakeVllm:
         body = await request.read()
         self.bodies.append(body)
         self.request_ids.append(request.headers.get("X-Request-Id", ""))
+        self.traceparents.append(request.headers.get("traceparent", ""))
         early = await self._before_answering(request)
         if early is not None:
             return early

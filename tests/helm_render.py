@@ -39,7 +39,10 @@ RESOURCES: dict[str, list[tuple[str, str, bool]]] = {
         ("scaledobjects", "ScaledObject", True),
         ("triggerauthentications", "TriggerAuthentication", True),
     ],
-    "monitoring.coreos.com/v1": [("servicemonitors", "ServiceMonitor", True)],
+    "monitoring.coreos.com/v1": [
+        ("servicemonitors", "ServiceMonitor", True),
+        ("prometheusrules", "PrometheusRule", True),
+    ],
 }
 KIND_OF = {(gv, plural): kind for gv, entries in RESOURCES.items() for plural, kind, _ in entries}
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
+from opentelemetry.trace import get_current_span
 
 from gateway.asgi import Message, Receive, Send, read_body, send_error, with_headers
 from gateway.chat.checks import ChatMedia, Request, check_against_pool, media_parts, parse_request, replace_media
@@ -124,8 +125,12 @@ class CompletionsEndpoint:
         in_flight = metrics.of(metrics.in_flight, self.route, model_label)
         in_flight.inc()
         state = scope["state"]
+        tracing = gateway.tracing
+        span = get_current_span() if tracing.enabled else None  # the request's, opened by the middleware
+        if span is not None:
+            span.set_attributes(_request_attributes(self.route, request))
         try:
-            async with replicas.gate.slot():
+            async with replicas.gate.slot(tracing):
                 visual_tokens = 0
                 prepared: list[PreparedMedia] = []
                 pool = replicas.pool
@@ -166,6 +171,15 @@ class CompletionsEndpoint:
                     opened.lease.settle(Verdict.ABANDONED)  # only if the relay raised: a lease settles once
                     replicas.visual_tokens.dec(visual_tokens)
             status = outcome.status
+            if span is not None:
+                span.set_attributes(
+                    {
+                        "gen_ai.usage.input_tokens": outcome.prompt_tokens,
+                        "gen_ai.usage.output_tokens": outcome.completion_tokens,
+                        "gateway.upstream.replica": opened.replica.base_url,
+                        "gateway.visual_tokens": visual_tokens,
+                    }
+                )
             if outcome.prompt_tokens:
                 metrics.of(metrics.prompt_tokens, model_label).inc(outcome.prompt_tokens)
             if outcome.completion_tokens:
@@ -178,6 +192,22 @@ class CompletionsEndpoint:
             in_flight.dec()
             metrics.of(metrics.requests, self.route, model_label, str(status)).inc()
             metrics.of(metrics.request_duration, self.route, model_label).observe(time.perf_counter() - started)
+
+
+OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion", "/v1/responses": "chat"}
+
+
+def _request_attributes(route: str, request: Request) -> dict[str, str | int | float | bool]:
+    """GenAI semantic-convention attributes of a request: what was asked for, never what was said."""
+    attributes: dict[str, str | int | float | bool] = {
+        "gen_ai.operation.name": OPERATIONS.get(route, "chat"),
+        "gen_ai.request.model": request.model,
+        "gen_ai.system": "vllm",
+        "gateway.stream": request.stream,
+    }
+    if (wanted := request.requested_tokens()) is not None:
+        attributes["gen_ai.request.max_tokens"] = wanted
+    return attributes
 
 
 def _eligible(

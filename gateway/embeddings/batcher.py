@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from opentelemetry.trace import Link, SpanContext, get_current_span
 
 from gateway.embeddings.encoder import Vectors
 from gateway.errors import GatewayError, RateLimited, ServiceUnavailable
 from gateway.metrics import GatewayMetrics
+from gateway.tracing import OFF, Tracing
 
 log = logging.getLogger("gateway.batcher")
 
@@ -31,6 +33,7 @@ class _Item:
     payload: Any
     future: asyncio.Future[Vectors]
     enqueued: float
+    caller: SpanContext | None = None  # the request's span, linked from the batch's
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -48,8 +51,10 @@ class Batcher:
         max_batch: int,
         max_wait: float,
         max_queue: int,
+        tracing: Tracing = OFF,
     ) -> None:
         self.modality = modality
+        self._tracing = tracing
         self._encode = encode
         self._device = device
         self._metrics = metrics
@@ -81,7 +86,8 @@ class Batcher:
             raise RateLimited("The embedding queue is full; retry shortly.", headers={"Retry-After": "1"})
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
-        items = [_Item(p, loop.create_future(), now) for p in payloads]
+        caller = get_current_span().get_span_context() if self._tracing.enabled else None
+        items = [_Item(p, loop.create_future(), now, caller) for p in payloads]
         for item in items:
             self._queue.put_nowait(item)
         self._queue_gauge.set(self._queue.qsize())
@@ -124,7 +130,7 @@ class Batcher:
                 metrics.embedding_queue_seconds.labels(self.modality).observe(started - item.enqueued)
             metrics.embedding_batch_size.labels(self.modality).observe(len(live))
             try:
-                vectors = await loop.run_in_executor(self._device, self._encode, [item.payload for item in live])
+                vectors = await self._encode_traced(loop, live)
             except Exception as exc:
                 error: GatewayError
                 if _is_out_of_memory(exc):
@@ -145,6 +151,18 @@ class Batcher:
             for row, item in enumerate(live):
                 if not item.future.done():
                     item.future.set_result(vectors[row])
+
+    async def _encode_traced(self, loop: asyncio.AbstractEventLoop, live: list[_Item]) -> Vectors:
+        """The batch as one span (a root: it serves many requests), linked to each request's span."""
+        callers = {
+            (item.caller.trace_id, item.caller.span_id): item.caller
+            for item in live
+            if item.caller is not None and item.caller.is_valid
+        }
+        attributes = {"gateway.embeddings.modality": self.modality, "gateway.embeddings.batch_size": len(live)}
+        links = [Link(caller) for caller in callers.values()]
+        with self._tracing.span("gateway.embeddings.batch", attributes=attributes, links=links):
+            return await loop.run_in_executor(self._device, self._encode, [item.payload for item in live])
 
     def _fail_all(self, error: GatewayError) -> None:
         pending = list(self._in_batch)

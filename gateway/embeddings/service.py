@@ -23,6 +23,7 @@ from gateway.embeddings.protocol import EmbeddingRequest, TextInput
 from gateway.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
 from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
+from gateway.tracing import OFF, Tracing
 
 log = logging.getLogger("gateway.embeddings")
 
@@ -41,9 +42,16 @@ def clip_prefix(text: str) -> str:
 
 class EmbeddingsService:
     def __init__(
-        self, settings: EmbeddingsSettings, media: MediaPreparer, metrics: GatewayMetrics, *, enabled: bool
+        self,
+        settings: EmbeddingsSettings,
+        media: MediaPreparer,
+        metrics: GatewayMetrics,
+        *,
+        enabled: bool,
+        tracing: Tracing = OFF,
     ) -> None:
         self.settings = settings
+        self._tracing = tracing
         self.enabled = enabled and settings.enabled
         self._media = media
         self._metrics = metrics
@@ -77,6 +85,7 @@ class EmbeddingsService:
                 max_batch=s.max_batch,
                 max_wait=s.max_wait_ms / 1000,
                 max_queue=s.max_queue,
+                tracing=self._tracing,
             )
             batcher.start()
             self._batchers[modality] = batcher

@@ -26,6 +26,7 @@ from gateway.media.fetch import MediaFetcher, decode_data_url
 from gateway.media.images import PreparedMedia, decode_image, prepare_image
 from gateway.media.video import VideoCaps, prepare_video
 from gateway.metrics import GatewayMetrics
+from gateway.tracing import OFF, Tracing, failed
 
 T = TypeVar("T")
 
@@ -90,9 +91,10 @@ class _TtlCache:
 
 
 class MediaPreparer:
-    def __init__(self, settings: MediaSettings, metrics: GatewayMetrics) -> None:
+    def __init__(self, settings: MediaSettings, metrics: GatewayMetrics, tracing: Tracing = OFF) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.tracing = tracing
         self.fetcher = MediaFetcher(settings)
         self._executor = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="media-decode")
         self._cache = _TtlCache(settings.cache_entries, settings.cache_bytes, settings.cache_ttl)
@@ -197,15 +199,35 @@ class MediaPreparer:
             _label, data = decode_data_url(url, cap, param)
             source = "data"
         else:
-            data, source = await self.fetcher.fetch(url, cap, param), "remote"
+            with self.tracing.span("gateway.media.fetch", attributes={"gateway.media.modality": modality}) as span:
+                try:
+                    data, source = await self.fetcher.fetch(url, cap, param), "remote"
+                except GatewayError as error:
+                    failed(span, error.code or error.type)
+                    raise
+                if span is not None:
+                    span.set_attribute("gateway.media.bytes", len(data))
         budget.spend(len(data), param)
         self.metrics.media_bytes.labels(modality, source).inc(len(data))
         return data, source
 
     async def _load(self, part: MediaPart, pool: ModelPool, budget: _RequestBudget) -> PreparedMedia:
-        settings = self.settings
         started = time.perf_counter()
         data, source = await self._read(part.url, part.modality, part.param, budget)
+        with self.tracing.span("gateway.media.decode", attributes={"gateway.media.modality": part.modality}) as span:
+            try:
+                prepared = await self._decode(part, pool, data)
+            except GatewayError as error:
+                failed(span, error.code or error.type)
+                raise
+            if span is not None:
+                span.set_attribute("gateway.media.visual_tokens", prepared.visual_tokens)
+        self.metrics.media_items.labels(part.modality, source).inc()
+        self.metrics.media_prepare_seconds.labels(part.modality, source).observe(time.perf_counter() - started)
+        return prepared
+
+    async def _decode(self, part: MediaPart, pool: ModelPool, data: bytes) -> PreparedMedia:
+        settings = self.settings
         loop = asyncio.get_running_loop()
         if part.modality == "image":
             formats = self._formats
@@ -222,8 +244,6 @@ class MediaPreparer:
             )
         else:
             prepared = await loop.run_in_executor(self._executor, prepare_video, data, self._video_caps, part.param)
-        self.metrics.media_items.labels(part.modality, source).inc()
-        self.metrics.media_prepare_seconds.labels(part.modality, source).observe(time.perf_counter() - started)
         return prepared
 
     async def load_images(self, urls: list[tuple[str, str]], transform: Callable[[Image.Image], T]) -> list[T]:

@@ -28,6 +28,7 @@ from gateway.search.config import IndexSpec
 from gateway.search.index import Filter
 from gateway.search.protocol import Content, CreateCollection, Item, SearchRequest
 from gateway.search.store import Record
+from gateway.tracing import OFF, Tracing
 
 log = logging.getLogger("gateway.search")
 
@@ -74,8 +75,11 @@ def _typed(value: Any) -> tuple[str, Any]:
 
 
 class SearchService:
-    def __init__(self, settings: SearchSettings, embeddings: EmbeddingsService, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, settings: SearchSettings, embeddings: EmbeddingsService, metrics: GatewayMetrics, tracing: Tracing = OFF
+    ) -> None:
         self.settings = settings
+        self.tracing = tracing
         self.embeddings = embeddings
         self.metrics = metrics
         self.collections: dict[str, Collection] = {}
@@ -314,7 +318,9 @@ class SearchService:
         where = compile_filter(request.filter)
         query = (await self._vectors(collection, [request.query], ["query"]))[0]
         started = time.perf_counter()
-        hits = await asyncio.to_thread(collection.search, namespace, query, request.top_k, where)
+        attributes = {"gateway.search.top_k": request.top_k, "gateway.search.filtered": where is not None}
+        with self.tracing.span("gateway.search", attributes=attributes):
+            hits = await asyncio.to_thread(collection.search, namespace, query, request.top_k, where)
         self.metrics.search_seconds.labels(collection.meta.name).observe(time.perf_counter() - started)
         data = []
         for hit in hits:

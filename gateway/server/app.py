@@ -40,6 +40,7 @@ from gateway.server.hotpath import HotPathDispatch
 from gateway.server.metrics_server import MetricsServer
 from gateway.server.middleware import GatewayMiddleware
 from gateway.server.state import GatewayState
+from gateway.tracing import Tracing
 from gateway.upstream.client import UpstreamClient, create_session
 from gateway.upstream.pool import Pools
 
@@ -148,20 +149,31 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics = GatewayMetrics()
+        tracing = Tracing.from_env()
         session = create_session(settings)
         pools = Pools(settings, metrics)
-        media = MediaPreparer(settings.media, metrics)
-        upstream = UpstreamClient(session, settings, metrics)
+        media = MediaPreparer(settings.media, metrics, tracing)
+        upstream = UpstreamClient(session, settings, metrics, tracing)
         serves_retrieval = settings.role in ("all", "retrieval")
-        embedder = EmbeddingsService(settings.embeddings, media, metrics, enabled=serves_retrieval)
-        searcher = SearchService(settings.search, embedder, metrics)
+        embedder = EmbeddingsService(settings.embeddings, media, metrics, enabled=serves_retrieval, tracing=tracing)
+        searcher = SearchService(settings.search, embedder, metrics, tracing)
         limit = settings.memory_limit_bytes or memory_limit_bytes()
         admission = Admission(
             int(limit * settings.memory_shed_fraction) if limit else None, relieve=media.release_memory
         )
         limiter = _key_limiter(settings, keys, metrics)
         app.state.gateway = GatewayState(
-            settings, metrics, pools, upstream, media, embedder, searcher, admission, limiter, _response_ids(settings)
+            settings,
+            metrics,
+            pools,
+            upstream,
+            media,
+            embedder,
+            searcher,
+            admission,
+            limiter,
+            _response_ids(settings),
+            tracing,
         )
         _drain_on_sigterm(admission, settings.drain_delay)
         metrics_server = MetricsServer(metrics, settings.host, settings.metrics_port)
@@ -190,6 +202,7 @@ def create_app(settings: Settings) -> FastAPI:
             await limiter.close()
             await media.close()
             await session.close()
+            tracing.shutdown()
 
     app = FastAPI(title="vlm-gateway", version="0.1.0", lifespan=lifespan, redoc_url=None)
     app.router.routes.extend(chat_router.routes)
@@ -208,7 +221,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected)
-    app.add_middleware(GatewayMiddleware, max_body_bytes=settings.max_body_bytes, keys=keys)
+    app.add_middleware(
+        GatewayMiddleware, max_body_bytes=settings.max_body_bytes, keys=keys, log_requests=settings.access_log
+    )
     app.openapi = lambda: _openapi_with_raw_routes(app)  # type: ignore[method-assign]
     app.state.keys = keys
     return app
@@ -220,4 +235,6 @@ def hot_path(app: FastAPI, settings: Settings) -> HotPathDispatch:
         for route in (*chat_router.routes, *responses_router.routes)
         if isinstance(route, Route) and route.methods == {"POST"} and "{" not in route.path
     }
-    return HotPathDispatch(app, endpoints, max_body_bytes=settings.max_body_bytes, keys=app.state.keys)
+    return HotPathDispatch(
+        app, endpoints, max_body_bytes=settings.max_body_bytes, keys=app.state.keys, log_requests=settings.access_log
+    )

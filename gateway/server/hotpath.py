@@ -43,11 +43,21 @@ class _Guarded:
 
 
 class HotPathDispatch:
-    def __init__(self, app: FastAPI, endpoints: dict[str, ASGIApp], *, max_body_bytes: int, keys: KeyChecker) -> None:
+    def __init__(
+        self,
+        app: FastAPI,
+        endpoints: dict[str, ASGIApp],
+        *,
+        max_body_bytes: int,
+        keys: KeyChecker,
+        log_requests: bool = False,
+    ) -> None:
         self.app = app
         self.state = app.state  # what the server and tools may look up on "the app"
         self.routes = {
-            path: GatewayMiddleware(_Guarded(endpoint), max_body_bytes=max_body_bytes, keys=keys)
+            path: GatewayMiddleware(
+                _Guarded(endpoint), max_body_bytes=max_body_bytes, keys=keys, log_requests=log_requests
+            )
             for path, endpoint in endpoints.items()
         }
 

@@ -1,21 +1,45 @@
 """One pure-ASGI layer in front of every route: request id, body-size cap, API key and its scope for the route,
-process admission and the key's request budget.
+process admission, the key's request budget, the request's trace span and its access-log line.
 
 Pure ASGI (no BaseHTTPMiddleware) so a stream passes through untouched apart from one header on its start.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import time
+
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from gateway.access.keys import ANONYMOUS, KeyChecker
-from gateway.access.scopes import required_scope
+from gateway.access.scopes import EXACT, required_scope
 from gateway.asgi import ASGIApp, Message, Receive, Send, send_error
 from gateway.errors import GatewayError, PayloadTooLarge, Unauthorized
 
 REQUEST_ID_SAFE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 PROTECTED_PREFIX = "/v1/"
+KNOWN_PATHS = {path for _, path in EXACT}
+SUBRESOURCES = {"items", "snapshot", "cancel"}
+access_log = logging.getLogger("gateway.access")
+
+
+def route_name(path: str) -> str:
+    """A low-cardinality route for span names and logs: the fixed routes as they are, ids replaced elsewhere
+    (/v1/collections/{id}/items/{id}, /v1/responses/{id}/cancel); an id holding slashes ends the name."""
+    if path in KNOWN_PATHS:
+        return path
+    parts = path.split("/")
+    named = parts[:3]
+    for i, part in enumerate(parts[3:], start=3):
+        if i % 2 == 1:
+            named.append("{id}")
+        elif part in SUBRESOURCES:
+            named.append(part)
+        else:
+            break
+    return "/".join(named)
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -23,10 +47,11 @@ def _too_large(limit: int) -> PayloadTooLarge:
 
 
 class GatewayMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, keys: KeyChecker) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, keys: KeyChecker, log_requests: bool = False) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.keys = keys
+        self.log_requests = log_requests
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,13 +83,16 @@ class GatewayMiddleware:
                 replaced = True
                 await send_error(send, too_large, extra_headers)
 
+        status = 0
+
         async def send_with_id(message: Message) -> None:
-            nonlocal started
+            nonlocal started, status
             if too_large is not None and not started:
                 await answer_too_large()
                 return
             if message["type"] == "http.response.start":
                 started = True
+                status = message["status"]
                 message["headers"] = [*message.get("headers", ()), *extra_headers]
             await send(message)
 
@@ -85,14 +113,9 @@ class GatewayMiddleware:
             await self.app(scope, receive, send_with_id)
             return
         gateway = scope["app"].state.gateway
-        try:
-            identity.require(required_scope(scope["method"], scope["path"]))
-            gateway.admission.check()
-            extra_headers += await gateway.limiter.admit(identity.key_id)
-        except GatewayError as error:
-            await send_error(send_with_id, error)
-            return
-
+        tracing = gateway.tracing
+        began = time.perf_counter()
+        route = route_name(scope["path"])
         received = 0
 
         async def capped_receive() -> Message:
@@ -105,11 +128,55 @@ class GatewayMiddleware:
                     raise too_large
             return message
 
-        try:
-            await self.app(scope, capped_receive, send_with_id)
-        except PayloadTooLarge:  # raised through a raw endpoint before it answered
-            if too_large is None:
-                raise
-            await answer_too_large()
-        finally:
-            await gateway.limiter.leave(identity.key_id)
+        with tracing.span(
+            f"{scope['method']} {route}", kind=SpanKind.SERVER, parent=tracing.parent_from(scope["headers"])
+        ) as span:
+            if span is not None:
+                span.set_attributes({"http.request.method": scope["method"], "http.route": route})
+                span.set_attribute("gateway.request_id", state["request_id"])
+            try:
+                try:
+                    identity.require(required_scope(scope["method"], scope["path"]))
+                    gateway.admission.check()
+                    extra_headers += await gateway.limiter.admit(identity.key_id)
+                except GatewayError as error:
+                    await send_error(send_with_id, error)
+                    return
+                try:
+                    await self.app(scope, capped_receive, send_with_id)
+                except PayloadTooLarge:  # raised through a raw endpoint before it answered
+                    if too_large is None:
+                        raise
+                    await answer_too_large()
+                finally:
+                    await gateway.limiter.leave(identity.key_id)
+            finally:
+                if span is not None:
+                    span.set_attribute("http.response.status_code", status)
+                    if status >= 500:
+                        span.set_status(Status(StatusCode.ERROR))
+                if self.log_requests:
+                    self._log(scope["method"], route, status, began, state["request_id"], identity.key_id, span)
+
+    @staticmethod
+    def _log(
+        method: str, route: str, status: int, began: float, request_id: str, key_id: str, span: Span | None
+    ) -> None:
+        trace_id = format(span.get_span_context().trace_id, "032x") if span is not None else None
+        elapsed_ms = round((time.perf_counter() - began) * 1000, 1)
+        access_log.info(
+            "%s %s %d %.1fms",
+            method,
+            route,
+            status,
+            elapsed_ms,
+            extra={
+                "method": method,
+                "route": route,
+                "status": status,
+                "duration_ms": elapsed_ms,
+                "request_id": request_id,
+                "trace_id": trace_id,
+                "key_id": key_id,
+            },
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import resource
 
+import orjson
 import uvicorn
 
 from gateway.config import Settings
@@ -32,8 +33,37 @@ def _descriptor_budget(settings: Settings) -> int:
     return max(room, 64)
 
 
+# Fields the access log adds to its records (gateway/server/middleware.py), written out by the JSON format.
+ACCESS_FIELDS = ("method", "route", "status", "duration_ms", "request_id", "trace_id", "key_id")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the access log's fields when present."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update({name: getattr(record, name) for name in ACCESS_FIELDS if hasattr(record, name)})
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler()
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
+
+
 def serve(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings)
     limits = ConnectionLimits(
         max_head_bytes=settings.max_head_bytes,
         head_timeout=settings.head_timeout,
@@ -50,5 +80,6 @@ def serve(settings: Settings) -> None:
         access_log=False,  # a per-request log line costs more than the rest of the proxy path
         proxy_headers=False,  # nothing here reads the client address; rewriting it cost ~1% per request
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's own lines go through the handler above (JSON too, when asked)
         timeout_graceful_shutdown=int(settings.drain_timeout) or None,
     )

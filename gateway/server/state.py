@@ -13,6 +13,7 @@ from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
 from gateway.responses.ids import ResponseIds
 from gateway.search.service import SearchService
+from gateway.tracing import Tracing
 from gateway.upstream.client import UpstreamClient
 from gateway.upstream.pool import Pools
 
@@ -29,4 +30,5 @@ class GatewayState:
     admission: Admission
     limiter: Limiter
     response_ids: ResponseIds
+    tracing: Tracing
     started_at: int = field(default_factory=lambda: int(time.time()))

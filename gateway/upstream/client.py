@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import orjson
+from opentelemetry.trace import SpanKind
 
 from gateway.config import Settings, Timeouts
 from gateway.errors import (
@@ -25,6 +26,7 @@ from gateway.errors import (
     error_for_status,
 )
 from gateway.metrics import GatewayMetrics
+from gateway.tracing import OFF, Tracing, failed
 from gateway.upstream.errors import TransportError, TransportTimeout, map_upstream_errors
 from gateway.upstream.lease import Lease, Verdict
 from gateway.upstream.pool import Replica, ReplicaSet
@@ -99,6 +101,17 @@ async def upstream_client_error(response: aiohttp.ClientResponse) -> GatewayErro
     return error
 
 
+def _failover_reason(exc: BaseException) -> str:
+    """What a failed attempt's span records: the class of failure, never its message."""
+    if isinstance(exc, _ReplicaUnreachable):
+        return "unreachable"
+    if isinstance(exc, _ReplicaSaturated):
+        return f"saturated_{exc.status}"
+    if isinstance(exc, GatewayError):
+        return exc.code or exc.type
+    return "cancelled" if isinstance(exc, asyncio.CancelledError) else type(exc).__name__
+
+
 class RetryBudget:
     """Each request earns `ratio` of a retry (up to `burst` banked); each retry spends one. Under a wide outage
     this keeps failover from multiplying the load on the replicas that are left."""
@@ -119,10 +132,13 @@ class RetryBudget:
 
 
 class UpstreamClient:
-    def __init__(self, session: aiohttp.ClientSession, settings: Settings, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, settings: Settings, metrics: GatewayMetrics, tracing: Tracing = OFF
+    ) -> None:
         self.session = session
         self.settings = settings
         self.metrics = metrics
+        self.tracing = tracing
         self.retry_budget = RetryBudget(settings.retry_budget_ratio, settings.retry_budget_burst)
 
     async def open(
@@ -165,7 +181,7 @@ class UpstreamClient:
             lease = Lease.acquire(replicas, replica)
             try:
                 payload = body if isinstance(body, bytes) else body(replica)
-                return await self._open_one(lease, method, path, payload, request_id, replicas.pool.timeouts)
+                return await self._attempt(lease, len(tried), method, path, payload, request_id)
             except _ReplicaUnreachable as exc:
                 lease.settle(Verdict.UNREACHABLE)
                 self.metrics.upstream_errors.labels(model, "connect").inc()
@@ -201,11 +217,24 @@ class UpstreamClient:
             message, headers={"Retry-After": str(round(replicas.soonest_available_in()))}
         )
 
+    async def _attempt(
+        self, lease: Lease, number: int, method: str, path: str, body: bytes, request_id: str
+    ) -> OpenedUpstream:
+        """One replica tried, as its own span (its failure class recorded: the failover reason)."""
+        attributes = {"gateway.replica": lease.replica.base_url, "gateway.attempt": number}
+        with self.tracing.span("gateway.upstream.attempt", kind=SpanKind.CLIENT, attributes=attributes) as span:
+            try:
+                return await self._open_one(lease, method, path, body, request_id, lease.replicas.pool.timeouts)
+            except BaseException as exc:
+                failed(span, _failover_reason(exc))
+                raise
+
     async def _open_one(
         self, lease: Lease, method: str, path: str, body: bytes, request_id: str, timeouts: Timeouts
     ) -> OpenedUpstream:
         replica = lease.replica
         headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+        self.tracing.inject(headers)  # this attempt's span is vLLM's parent
         per_request = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect)
         url = replica.base_url + path
         response: aiohttp.ClientResponse | None = None

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from prometheus_client import Gauge
 
 from gateway.errors import RateLimited, ServiceUnavailable
+from gateway.tracing import OFF, Tracing
 
 
 class Gate:
@@ -28,9 +29,12 @@ class Gate:
         self._waiting = waiting
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slot(self, tracing: Tracing = OFF) -> AsyncIterator[None]:
+        """A place among the pool's in-flight requests, waiting in its queue if need be (the wait is the
+        request's admission span)."""
         if self.limit is not None:
-            await self._acquire()
+            with tracing.span("gateway.admission", attributes={"gateway.admission.queued": len(self._waiters)}):
+                await self._acquire()
         else:
             self.active += 1
         try:

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from opentelemetry.trace import get_current_span
 
 from gateway.asgi import JSON_CONTENT_TYPE, Receive, Send, send_error
 from gateway.config import Timeouts
@@ -176,6 +177,9 @@ async def _relay_stream(
     first = opened.first_chunk
     now = time.perf_counter()
     metrics.of(metrics.time_to_first_token, model).observe(now - started)
+    span = get_current_span()
+    if span.is_recording():
+        span.add_event("gen_ai.first_token", {"gen_ai.server.time_to_first_token": now - started})
     itl = metrics.of(metrics.inter_token_latency, model)
     previous, last = b"", first
     if first:

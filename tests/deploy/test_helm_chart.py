@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import re
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,11 @@ from tests.support import exported_metric_names
 CHART = Path(__file__).resolve().parents[2] / "helm" / "vlm-gateway"
 PROFILES = ["default", "bf16", "awq", "cpu-dev"]
 KUBE_VERSION = "1.31.0"
-CRD_KINDS = {"ScaledObject", "ServiceMonitor"}  # not in Kubernetes' own schemas; checked field by field below
+CRD_KINDS = {
+    "ScaledObject",
+    "ServiceMonitor",
+    "PrometheusRule",
+}  # not in Kubernetes' own schemas; checked field by field below
 WITH_KEYS = {
     "gateway": {
         "apiKeys": {"existingSecret": "gateway-keys", "key": "keys.yaml"},
@@ -306,3 +311,21 @@ def test_service_monitors_select_services_and_ports_that_exist(tmp_path: Path) -
         assert selected, monitor["metadata"]["name"]
         port = monitor["spec"]["endpoints"][0]["port"]
         assert all(port in {p["name"] for p in s["spec"]["ports"]} for s in selected)
+
+
+def test_the_prometheus_rule_carries_the_rules_file_that_promtool_accepts(tmp_path: Path) -> None:
+    objects = render(tmp_path, {"prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}}})
+    rule = by_kind(objects, "PrometheusRule")[0]
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    rules_file = CHART / "files" / "prometheus-rules.yaml"
+    assert rule["spec"] == yaml.safe_load(rules_file.read_text()), "the file, as-is"
+    promtool = shutil.which("promtool")
+    assert promtool is not None, "scripts/setup installs Debian's prometheus (with promtool)"
+    checked = subprocess.run([promtool, "check", "rules", str(rules_file)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    alerts = {r["alert"] for group in rule["spec"]["groups"] for r in group["rules"] if "alert" in r}
+    readme = (CHART.parents[1] / "README.md").read_text()
+    assert all(f"`{alert}`" in readme for alert in alerts), "README lists each alert and what to do"
+    off = tmp_path / "off"
+    off.mkdir()
+    assert not by_kind(render(off, {}), "PrometheusRule"), "off unless asked for"

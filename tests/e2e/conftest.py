@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.harness.processes import ManagedProcess, free_port, vllm_process
+from tests.otlp_receiver import OtlpReceiver
 from tests.support import RunningGateway, metric_value, run_gateway, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +47,9 @@ def _stack_paths() -> tuple[Path, Path, Path]:
 class Replica:
     """A vLLM replica a test may kill, freeze or restart; `ensure_running` brings it back for the next test."""
 
-    def __init__(self, python: Path, model_dir: Path, lora_dir: Path, log_dir: Path, name: str) -> None:
+    def __init__(
+        self, python: Path, model_dir: Path, lora_dir: Path, log_dir: Path, name: str, traces_to: str | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: ManagedProcess = vllm_process(
@@ -58,6 +61,7 @@ class Replica:
             limit_mm_per_prompt=VLLM_LIMITS,
             max_model_len=MAX_MODEL_LEN,
             lora_modules={ADAPTER: lora_dir},
+            otlp_traces_endpoint=traces_to,
         )
 
     def start(self) -> None:
@@ -89,9 +93,17 @@ class Replica:
 
 
 @pytest.fixture(scope="session")
-def replicas(log_dir: Path) -> Iterator[list[Replica]]:
+def otlp() -> Iterator[OtlpReceiver]:
+    """Where the shared replicas send their own spans (vLLM's --otlp-traces-endpoint), for the tracing test."""
+    receiver = OtlpReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def replicas(log_dir: Path, otlp: OtlpReceiver) -> Iterator[list[Replica]]:
     python, model_dir, lora_dir = _stack_paths()
-    pair = [Replica(python, model_dir, lora_dir, log_dir, name) for name in ("a", "b")]
+    pair = [Replica(python, model_dir, lora_dir, log_dir, name, otlp.endpoint) for name in ("a", "b")]
     for replica in pair:
         replica.start()
     try:

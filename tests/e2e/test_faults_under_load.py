@@ -13,6 +13,7 @@ import math
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,7 +130,10 @@ def test_faults_under_a_steady_load_loop(tmp_path: Path, log_dir: Path, live_rep
 
             # 3. one key floods while the loop's key carries on
             flood_start = time.monotonic()
-            flood = [_flood_once(gateway) for _ in range(60)]
+            # Eight at a time: the flood must outrun the bucket's refill (30 a minute) however slowly the
+            # replicas answer on a loaded runner; sent one by one at ~1 s each, the refill kept up.
+            with ThreadPoolExecutor(8) as flooders:
+                flood = list(flooders.map(lambda _: _flood_once(gateway), range(60)))
             flood_end = time.monotonic()
             time.sleep(1)
         finally:
@@ -148,8 +152,9 @@ def test_faults_under_a_steady_load_loop(tmp_path: Path, log_dir: Path, live_rep
         assert _failures(load.between(*frozen_window)) == [], "the frozen replica is avoided once noticed"
         assert _failures(load.between(resumed_at, flood_end + 1)) == [], "whole again, flood or not"
         refilled = math.ceil((flood_end - flood_start) * 30 / 60)  # 30 a minute, refilling while it floods
-        assert flood[:30] == [200] * 30 and 30 < flood.count(200) + flood.count(429) == 60, flood
-        assert 429 in flood and flood.count(200) <= 30 + refilled + 1, (flood, refilled)
+        assert flood.count(200) + flood.count(429) == 60, flood
+        assert 30 <= flood.count(200) <= 30 + refilled + 1, (flood, refilled)  # the burst, plus what refilled
+        assert 429 in flood, flood
 
         # 4. SIGTERM while streams are open: every one of them finishes
         _sigterm_mid_stream(gateway)

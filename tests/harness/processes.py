@@ -122,6 +122,7 @@ def vllm_process(
     limit_mm_per_prompt: dict[str, int],
     max_model_len: int = 2048,
     lora_modules: dict[str, Path] | None = None,
+    otlp_traces_endpoint: str | None = None,
 ) -> ManagedProcess:
     """vLLM's OpenAI server on the CPU build. It stores responses (so `previous_response_id` and GET work), and
     with `lora_modules` it serves those adapters by name and lets adapters be loaded at runtime."""
@@ -158,6 +159,11 @@ def vllm_process(
         argv += ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--max-cpu-loras", "4"]
         argv += ["--lora-modules", *(f"{name}={path}" for name, path in lora_modules.items())]
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
+    if otlp_traces_endpoint:  # vLLM's own spans, OTLP/HTTP to a full /v1/traces URL
+        argv += ["--otlp-traces-endpoint", otlp_traces_endpoint]
+        env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
+        env["OTEL_SERVICE_NAME"] = "vllm"
+        env["OTEL_BSP_SCHEDULE_DELAY"] = "200"
     return ManagedProcess(argv, log_path, f"http://127.0.0.1:{port}/health", env)
 
 

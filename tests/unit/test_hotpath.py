@@ -12,6 +12,7 @@ from gateway.access.keys import KeyChecker
 from gateway.asgi import Message, Receive, Send
 from gateway.config import Settings
 from gateway.server.hotpath import HotPathDispatch
+from gateway.tracing import OFF
 
 
 async def _call(app: Any, path: str, method: str = "POST") -> list[Message]:
@@ -44,7 +45,7 @@ class _OpenDoor:
 def _dispatch(endpoint: Any, fallback: FastAPI | None = None) -> HotPathDispatch:
     settings = Settings()
     app = fallback or FastAPI()
-    app.state.gateway = SimpleNamespace(admission=_OpenDoor(), limiter=_OpenDoor())
+    app.state.gateway = SimpleNamespace(admission=_OpenDoor(), limiter=_OpenDoor(), tracing=OFF)
     return HotPathDispatch(app, {"/v1/chat/completions": endpoint}, max_body_bytes=1024, keys=KeyChecker(settings))
 
 
