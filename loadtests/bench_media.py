@@ -59,13 +59,19 @@ for _ in range(count):
 print(json.dumps(count / (time.perf_counter() - started)))
 """
 PEAK_MEMORY = """
-import resource, sys
+import sys
+from pathlib import Path
 from loadtests.bench_media import previous_prepare, today_prepare
 data = open(sys.argv[1], "rb").read()
 arm = today_prepare if sys.argv[2] == "prepare" else previous_prepare
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak_kib():
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+    return int(line.split()[1])
+# ru_maxrss would carry the parent's peak across fork+exec; VmHWM is this process's own, reset here.
+Path("/proc/self/clear_refs").write_text("5")
+before = peak_kib()
 arm(data, int(sys.argv[3]))
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+print((peak_kib() - before) // 1024)
 """
 
 
