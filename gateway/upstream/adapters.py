@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 import orjson
 
-from gateway.upstream.errors import TransportError, map_upstream_errors
+from gateway.upstream.errors import TransportError, map_upstream_errors, read_bounded
 
 if TYPE_CHECKING:
     from gateway.upstream.pool import Replica, ReplicaSet
@@ -32,10 +32,10 @@ async def listed_adapters(
             async with session.get(f"{replica.base_url}/v1/models", timeout=within) as response:
                 if response.status != 200:
                     return None
-                body = await response.content.read(MAX_MODELS_BYTES + 1)
+                body = await read_bounded(response, MAX_MODELS_BYTES)
     except (TransportError, TimeoutError):
         return None
-    if len(body) > MAX_MODELS_BYTES:
+    if body is None:
         return None
     try:
         cards = orjson.loads(body).get("data", [])

@@ -32,3 +32,15 @@ def map_upstream_errors() -> Iterator[None]:
         raise TransportTimeout(type(exc).__name__) from None
     except (aiohttp.ClientError, ConnectionError) as exc:
         raise TransportError(type(exc).__name__) from None
+
+
+async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body, or None once it passes `limit` bytes (it is not read further). `content.read(n)` returns
+    whatever one read brings, so a body split across reads would come back cut short."""
+    body = bytearray()
+    with map_upstream_errors():
+        async for chunk in response.content.iter_chunked(64 * 1024):
+            body += chunk
+            if len(body) > limit:
+                return None
+    return bytes(body)

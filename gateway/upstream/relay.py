@@ -197,9 +197,10 @@ async def _relay_stream(
             itl.observe(gap_end - now)
             now = gap_end
             previous, last = last, chunk
-            # No clock runs here: a client reading slowly blocks `send`, and that backpressure must not read as a
-            # silent replica (it would end the stream and count a failure against the replica).
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            # Only the total deadline runs here: a client reading slowly blocks `send`, and that backpressure must
+            # not read as a silent replica (it would end the stream and count a failure against the replica).
+            async with asyncio.timeout_at(total_deadline):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except TimeoutError:
         kind = "timeout_total" if loop.time() >= total_deadline else "timeout_idle"
         metrics.upstream_errors.labels(model, kind).inc()
