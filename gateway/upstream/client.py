@@ -27,7 +27,7 @@ from gateway.errors import (
 )
 from gateway.metrics import GatewayMetrics
 from gateway.tracing import OFF, Tracing, failed
-from gateway.upstream.errors import TransportError, TransportTimeout, map_upstream_errors
+from gateway.upstream.errors import TransportError, TransportTimeout, map_upstream_errors, read_bounded
 from gateway.upstream.lease import Lease, Verdict
 from gateway.upstream.pool import Replica, ReplicaSet
 
@@ -87,9 +87,8 @@ async def upstream_client_error(response: aiohttp.ClientResponse) -> GatewayErro
     shows nothing internal (else the generic message stands in)."""
     message: str | None = None
     try:
-        with map_upstream_errors():
-            raw = await response.content.read(64 * 1024)
-        payload = orjson.loads(raw)
+        raw = await read_bounded(response, 64 * 1024)
+        payload = orjson.loads(raw) if raw is not None else None
         candidate = payload.get("error", {}).get("message") if isinstance(payload, dict) else None
         if isinstance(candidate, str) and not INTERNAL_DETAIL.search(candidate[:MAX_UPSTREAM_MESSAGE]):
             message = candidate[:MAX_UPSTREAM_MESSAGE]
