@@ -18,13 +18,13 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY deploy/constraints.txt deploy/constraints.txt
 COPY gateway gateway
-# Same install as the README's "Install" section: the package plus the `clip` extra, pinned by the constraints
-# file shared with the test stack. Only the torch wheel index differs per variant.
+# Same install as the README's "Install" section: the package plus the `clip` and `milvus` extras, pinned by the
+# constraints file shared with the test stack. Only the torch wheel index differs per variant.
 RUN python -m venv /opt/venv \
  && case "$VARIANT" in \
       proxy) extras="" ; index="" ;; \
-      cpu)   extras="[clip]" ; index="${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" ;; \
-      cuda)  extras="[clip]" ; index="${TORCH_INDEX:-https://download.pytorch.org/whl/cu128}" ;; \
+      cpu)   extras="[clip,milvus]" ; index="${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" ;; \
+      cuda)  extras="[clip,milvus]" ; index="${TORCH_INDEX:-https://download.pytorch.org/whl/cu128}" ;; \
       *) echo "VARIANT must be proxy, cpu or cuda" >&2; exit 1 ;; \
     esac \
  && if [ "$index" = none ]; then index=""; fi \

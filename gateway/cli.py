@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tarfile
 from pathlib import Path
@@ -87,13 +88,28 @@ def _index_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     add.add_argument("--api-key", help="a key with the write scope (admin too, to create the collection)")
     add.add_argument("--captions", type=Path, help="file,caption CSV or JSON lines with file/caption")
     add.add_argument("--batch-size", type=int, default=16)
-    export = actions.add_parser("export", help="archive one collection (safe while the gateway runs)")
-    export.add_argument("--index-dir", type=Path, required=True)
+    export = actions.add_parser("export", help="archive one collection (FAISS: safe while the gateway runs)")
+    _engine_arguments(export)
     export.add_argument("--collection", required=True)
     export.add_argument("--out", type=Path, required=True)
-    restore = actions.add_parser("restore", help="unpack an exported collection (start the gateway after)")
-    restore.add_argument("--index-dir", type=Path, required=True)
+    restore = actions.add_parser("restore", help="unpack an exported collection (FAISS: start the gateway after)")
+    _engine_arguments(restore)
     restore.add_argument("archive", type=Path)
+
+
+def _engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the collection lives: a FAISS index directory, or Milvus (the token from GATEWAY_SEARCH__MILVUS_TOKEN).
+    One archive format serves both, so an export from one engine restores into the other."""
+    engine = parser.add_mutually_exclusive_group(required=True)
+    engine.add_argument("--index-dir", type=Path, help="a FAISS index directory")
+    engine.add_argument("--milvus-uri", help="a Milvus URL, or a Milvus Lite file (with its gateway stopped)")
+
+
+def _milvus_settings(uri: str) -> Any:
+    from gateway.config import SearchSettings
+
+    token = os.environ.get("GATEWAY_SEARCH__MILVUS_TOKEN")
+    return SearchSettings(backend="milvus", milvus_uri=uri, milvus_token=token)
 
 
 def _run_index(args: argparse.Namespace) -> None:
@@ -109,6 +125,16 @@ def _run_index(args: argparse.Namespace) -> None:
             f"indexed {result.sent} images into '{args.collection}' ({result.skipped} already done) "
             f"in {result.seconds:.1f}s: {result.rate:.1f} images/s"
         )
+    elif args.milvus_uri is not None:
+        from gateway.search.milvus_archive import export_from_milvus, restore_into_milvus
+
+        settings = _milvus_settings(args.milvus_uri)
+        if args.action == "export":
+            size = export_from_milvus(settings, args.collection, args.out)
+            print(f"exported '{args.collection}' to {args.out} ({size} bytes)")
+        else:
+            name, count = restore_into_milvus(settings, args.archive)
+            print(f"restored '{name}' ({count} items) into Milvus at {args.milvus_uri}")
     elif args.action == "export":
         size = export_collection(args.index_dir, args.collection, args.out)
         print(f"exported '{args.collection}' to {args.out} ({size} bytes)")

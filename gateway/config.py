@@ -243,13 +243,43 @@ class ScopedKey(BaseModel):
         return self
 
 
+# What one Milvus item can hold (gateway/search/milvus_backend.py): its metadata document is a VARCHAR, its
+# filterable (key, value) digests an ARRAY, and a search's limit Milvus' topk cap.
+MILVUS_MAX_DOCUMENT = 65_535
+MILVUS_MAX_TOP_K = 16_384
+
+
 class SearchSettings(BaseModel):
+    # "faiss": collections in this process under index_dir (one writer). "milvus": in Milvus at milvus_uri — a
+    # file path starts Milvus Lite as this gateway's child process; http(s)://host:19530 is a server or cluster,
+    # and then any number of retrieval replicas share it.
+    backend: Literal["faiss", "milvus"] = "faiss"
     index_dir: Path = Field(default_factory=lambda: Path.home() / ".local" / "share" / "vlm-gateway" / "index")
-    snapshot_every: int = Field(10_000, ge=1)  # WAL records before a background snapshot
+    milvus_uri: str = Field("", max_length=2048)
+    milvus_token: SecretStr | None = None  # "user:password" or an API key; from a Secret, never logged
+    milvus_timeout: float = Field(10.0, gt=0, le=600)  # per call; past it the request is answered 503
+    # Strong: a write acknowledged through any gateway replica is seen by the next search through any other
+    # (Session would only promise that to the replica that wrote it). Costs a few ms per read on a cluster.
+    milvus_consistency: Literal["Strong", "Session", "Bounded", "Eventually"] = "Strong"
+    milvus_collection_prefix: str = Field("gw_", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
+    milvus_threads: int = Field(8, ge=1, le=256)  # pymilvus calls block: they run on this many threads
+    snapshot_every: int = Field(10_000, ge=1)  # WAL records (Milvus: writes) before a background snapshot (flush)
     max_top_k: int = Field(1000, ge=1, le=100_000)
     max_items_per_request: int = Field(1024, ge=1, le=100_000)
     max_metadata_bytes: int = Field(16 * 1024, ge=2, le=1024 * 1024)
     max_collections: int = Field(256, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _milvus_fits(self) -> SearchSettings:
+        if self.backend != "milvus":
+            return self
+        if not self.milvus_uri:
+            raise ValueError("search.backend milvus needs search.milvus_uri (a file path for Milvus Lite, or a URL)")
+        if self.max_metadata_bytes > MILVUS_MAX_DOCUMENT:
+            raise ValueError(f"with search.backend milvus, max_metadata_bytes is at most {MILVUS_MAX_DOCUMENT}")
+        if self.max_top_k > MILVUS_MAX_TOP_K:
+            raise ValueError(f"with search.backend milvus, max_top_k is at most {MILVUS_MAX_TOP_K}")
+        return self
 
 
 def hash_api_key(key: str) -> str:

@@ -165,6 +165,16 @@ class StorageFailed(GatewayError):
     message = "The index could not be written durably; nothing was acknowledged. Retry later."
 
 
+class IndexUnavailable(ServiceUnavailable):
+    """The vector database (Milvus) did not answer or refused: nothing was acknowledged."""
+
+    code: str | None = "index_unavailable"
+    message = "The vector database is unavailable; nothing was acknowledged. Retry shortly."
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message, headers={"Retry-After": "5"})
+
+
 STATUS_ERRORS: dict[int, type[GatewayError]] = {
     400: InvalidRequest,
     401: Unauthorized,

@@ -208,6 +208,12 @@ class GatewayMetrics:
             ["collection"],
             registry=r,
         )
+        self.index_backend_errors = Counter(
+            "gateway_index_backend_errors",
+            "Calls to the index engine that failed, by engine and kind (unavailable, timeout, rejected).",
+            ["backend", "kind"],
+            registry=r,
+        )
         self.search_seconds = Histogram(
             "gateway_search_seconds",
             "Index search time per query (embedding excluded).",

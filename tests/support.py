@@ -89,6 +89,17 @@ async def run_gateway_async(
         await asyncio.to_thread(process.stop, 10)
 
 
+SEARCH_BACKENDS = ["faiss", "milvus"]
+
+
+def search_settings(root: Path, backend: str, **extra: Any) -> dict[str, Any]:
+    """The `search` section for a backend: FAISS under root/index, or Milvus Lite (started by the gateway) in
+    root/milvus.db — the real engine either way."""
+    if backend == "milvus":
+        return {"backend": "milvus", "milvus_uri": str(root / "milvus.db"), **extra}
+    return {"index_dir": str(root / "index"), **extra}
+
+
 def write_config(path: Path, models: list[dict[str, Any]], **settings: Any) -> Path:
     """A YAML config; the CLIP encoder is off unless a test asks for it (chat tests need no torch)."""
     settings.setdefault("embeddings", {"enabled": False})

@@ -1,4 +1,7 @@
-"""A durable collection: per-namespace shards in memory, one writer, every acknowledged write in the WAL first."""
+"""A durable FAISS collection: per-namespace shards in memory, one writer, every acknowledged write in the WAL first.
+
+It is the FAISS engine's `StoredCollection` (gateway/search/backend.py).
+"""
 
 from __future__ import annotations
 
@@ -9,14 +12,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import orjson
 from pydantic import ValidationError
 
 from gateway.search.config import IndexSpec
-from gateway.search.index import Filter, Hit, Shard
+from gateway.search.filters import Condition, predicate
+from gateway.search.index import Hit, Shard
 from gateway.search.store import CollectionStore, CorruptIndex, Record, Snapshot, fsync_dir
 
 log = logging.getLogger("gateway.search")
@@ -126,7 +129,7 @@ class Collection:
             self.fail(f"collection '{self.meta.name}' cannot be loaded: {exc.strerror or 'I/O error'}")
             return
         self.store.open_wal()
-        log.info("collection %s: %d items, %d WAL records replayed", self.meta.name, self.count(), replayed)
+        log.info("collection %s: %d items, %d WAL records replayed", self.meta.name, self.count_all(), replayed)
 
     def fail(self, reason: str) -> None:
         self.state, self.error = "corrupt", reason
@@ -147,7 +150,7 @@ class Collection:
             if shard is not None:
                 shard.delete(record.item_id)
 
-    def count(self) -> int:
+    def count_all(self) -> int:
         return sum(len(shard) for shard in self.shards.values())
 
     async def write(self, records: list[Record]) -> None:
@@ -176,25 +179,32 @@ class Collection:
         self.records_since_snapshot = 0
         self.last_snapshot = time.time()
 
-    def get(self, namespace: str, item_id: str) -> Hit | None:
+    def wants_snapshot(self, every: int) -> bool:
+        return self.records_since_snapshot >= every
+
+    def cached_count(self) -> int | None:
+        return self.count_all()
+
+    async def get(self, namespace: str, item_id: str) -> Hit | None:
+        return await asyncio.to_thread(self._get, namespace, item_id)  # the shard lock: off the event loop
+
+    def _get(self, namespace: str, item_id: str) -> Hit | None:
         shard = self.shards.get(namespace)
         return shard.get(item_id) if shard is not None else None
 
-    def search(self, namespace: str, query: np.ndarray, top_k: int, where: Filter | None) -> list[Hit]:
+    async def search(
+        self, namespace: str, query: np.ndarray, top_k: int, conditions: list[Condition], with_vectors: bool
+    ) -> list[Hit]:
         shard = self.shards.get(namespace)
-        return shard.search(query, top_k, where) if shard is not None else []
+        if shard is None:
+            return []
+        return await asyncio.to_thread(shard.search, query, top_k, predicate(conditions))
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.meta.name,
-            "dimensions": self.meta.dim,
-            "encoder": self.meta.encoder,
-            "index": self.meta.index.model_dump(),
-            "created": self.meta.created,
-            "items": self.count(),
-            "state": self.state,
-            "error": self.error,
-        }
+    async def count(self, namespace: str | None = None) -> int:
+        if namespace is None:
+            return self.count_all()
+        shard = self.shards.get(namespace)
+        return len(shard) if shard is not None else 0
 
     def close(self) -> None:
         self.store.close()

@@ -10,15 +10,13 @@ swapped in under the lock once complete.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from gateway.search.config import IndexSpec
-
-Filter = Callable[[dict[str, Any]], bool]
+from gateway.search.filters import Filter
 
 
 @dataclass(slots=True)
@@ -26,7 +24,7 @@ class Hit:
     item_id: str
     score: float
     metadata: dict[str, Any]
-    vector: np.ndarray
+    vector: np.ndarray | None  # None when a search did not ask for vectors
 
 
 class Shard:

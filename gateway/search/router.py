@@ -27,7 +27,7 @@ async def create_collection(body: CreateCollection, request: Request) -> dict[st
 @router.get("/v1/collections")
 async def list_collections(request: Request) -> dict[str, Any]:
     search, identity = _context(request)
-    return {"object": "list", "data": search.describe(identity.namespace)}
+    return {"object": "list", "data": await search.describe(identity.namespace)}
 
 
 @router.delete("/v1/collections/{name}", status_code=204)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -21,11 +19,12 @@ import orjson
 from gateway.access.keys import Identity
 from gateway.config import SearchSettings
 from gateway.embeddings.service import EmbeddingsService
-from gateway.errors import Conflict, InvalidRequest, NotFound, ServiceUnavailable, StorageFailed
+from gateway.errors import Conflict, IndexUnavailable, InvalidRequest, NotFound, ServiceUnavailable, StorageFailed
 from gateway.metrics import GatewayMetrics
-from gateway.search.collection import META_NAME, Collection, CollectionMeta
-from gateway.search.config import IndexSpec
-from gateway.search.index import Filter
+from gateway.search.backend import IndexBackend, StoredCollection
+from gateway.search.collection import CollectionMeta
+from gateway.search.faiss_backend import FaissBackend
+from gateway.search.filters import parse_filter
 from gateway.search.protocol import Content, CreateCollection, Item, SearchRequest
 from gateway.search.store import Record
 from gateway.tracing import OFF, Tracing
@@ -33,98 +32,68 @@ from gateway.tracing import OFF, Tracing
 log = logging.getLogger("gateway.search")
 
 
-def _reason(exc: Exception) -> str:
-    """Why a collection cannot load, without file paths (readiness and API errors show no file names)."""
-    if isinstance(exc, OSError):
-        return exc.strerror or "I/O error"
-    return str(exc)
+def create_backend(settings: SearchSettings, metrics: GatewayMetrics) -> IndexBackend:
+    if settings.backend == "milvus":
+        from gateway.search.milvus_backend import MilvusBackend  # pymilvus loads only when chosen
+
+        return MilvusBackend(settings, metrics)
+    return FaissBackend(settings.index_dir)
 
 
-def compile_filter(spec: dict[str, Any] | None) -> Filter | None:
-    """A predicate on metadata: each key equals its value, or is one of {"in": [values]}. Membership is a set
-    lookup (the request model bounds the lists), and values compare as JSON does: `true` is not `1`."""
-    if not spec:
-        return None
-    conditions: list[tuple[str, frozenset[tuple[str, Any]]]] = []
-    for key, value in spec.items():
-        if isinstance(value, dict):
-            if set(value) != {"in"}:
-                raise InvalidRequest(f"filter.{key} must be a value or {{'in': [values]}}.", param=f"filter.{key}")
-            allowed = value["in"]
-        else:
-            allowed = [value]
-        conditions.append((key, frozenset(_typed(v) for v in allowed)))
-
-    def matches(metadata: dict[str, Any]) -> bool:
-        for key, allowed in conditions:
-            value = metadata.get(key)
-            if isinstance(value, dict | list) or _typed(value) not in allowed:
-                return False
-        return True
-
-    return matches
-
-
-def _typed(value: Any) -> tuple[str, Any]:
-    """A hashable key that keeps JSON's types apart (Python's `True == 1` and `1 == 1.0` would merge them)."""
-    if isinstance(value, bool) or value is None:
-        return ("literal", value)
-    if isinstance(value, int | float):
-        return ("number", value)  # 1 and 1.0 are one JSON number, and equal (with equal hashes) in Python too
-    return (type(value).__name__, value)
+def describe(collection: StoredCollection, items: int) -> dict[str, Any]:
+    meta = collection.meta
+    return {
+        "name": meta.name,
+        "dimensions": meta.dim,
+        "encoder": meta.encoder,
+        "index": meta.index.model_dump(),
+        "created": meta.created,
+        "items": items,
+        "state": collection.state,
+        "error": collection.error,
+    }
 
 
 class SearchService:
     def __init__(
-        self, settings: SearchSettings, embeddings: EmbeddingsService, metrics: GatewayMetrics, tracing: Tracing = OFF
+        self,
+        settings: SearchSettings,
+        embeddings: EmbeddingsService,
+        metrics: GatewayMetrics,
+        tracing: Tracing = OFF,
+        backend: IndexBackend | None = None,
     ) -> None:
         self.settings = settings
         self.tracing = tracing
         self.embeddings = embeddings
         self.metrics = metrics
-        self.collections: dict[str, Collection] = {}
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="index-writer")
+        self.backend = backend or create_backend(settings, metrics)
         self._snapshotting: set[str] = set()
-        self._creating: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     async def start(self) -> None:
-        root = self.settings.index_dir
-        root.mkdir(parents=True, exist_ok=True)
-        loop = asyncio.get_running_loop()
-        for directory in sorted(p for p in root.iterdir() if (p / META_NAME).is_file()):
-            try:
-                meta = CollectionMeta.load((directory / META_NAME).read_bytes())
-            except (ValueError, OSError) as exc:
-                # One bad document (say, a restored archive) must not stop the gateway: readiness names it.
-                meta = CollectionMeta(directory.name, 1, None, IndexSpec(), 0)
-                collection = Collection(directory, meta, self._writer)
-                collection.fail(f"collection '{directory.name}' cannot be loaded: {_reason(exc)}")
-                self.collections[directory.name] = collection
-                continue
-            collection = Collection(directory, meta, self._writer)
-            await loop.run_in_executor(self._writer, collection.load)
-            self.collections[meta.name] = collection
+        await self.backend.start()
+        for collection in self.backend.known():
             self._update_gauges(collection)
 
     async def stop(self) -> None:
         """A final snapshot of every collection with unsnapshotted writes (SIGTERM path), then close."""
-        for collection in self.collections.values():
-            if collection.state == "ready" and collection.records_since_snapshot:
+        for collection in self.backend.known():
+            if collection.state == "ready" and collection.wants_snapshot(1):
                 try:
                     await collection.snapshot()
-                except OSError:
-                    log.exception("final snapshot of %s failed; its WAL still holds every write", collection.meta.name)
-            collection.close()
-        self._writer.shutdown(wait=True)
+                except (OSError, IndexUnavailable, NotFound):
+                    log.exception("final snapshot of %s failed; its log still holds every write", collection.meta.name)
+        await self.backend.stop()
 
     def problems(self) -> list[str]:
-        for collection in self.collections.values():
+        known = self.backend.known()
+        for collection in known:
             self._check_encoder(collection)  # known as soon as the encoder has loaded, not at first use
-        return [c.error or c.meta.name for c in self.collections.values() if c.state != "ready"]
+        return self.backend.problems() + [c.error or c.meta.name for c in known if c.state != "ready"]
 
-    def _check_encoder(self, collection: Collection) -> None:
+    def _check_encoder(self, collection: StoredCollection) -> None:
         encoder = self.embeddings.encoder
         wanted = collection.meta.encoder
         if wanted is not None and encoder is not None and encoder.model_id != wanted:
@@ -135,8 +104,8 @@ class SearchService:
             )
 
     # -- collections -----------------------------------------------------------------------------------------
-    def _get(self, name: str) -> Collection:
-        collection = self.collections.get(name)
+    async def _get(self, name: str) -> StoredCollection:
+        collection = await self.backend.lookup(name)
         if collection is None:
             raise NotFound(f"The collection '{name}' does not exist.", param="collection")
         self._check_encoder(collection)
@@ -144,58 +113,49 @@ class SearchService:
             raise ServiceUnavailable(collection.error or "The collection is not available.")
         return collection
 
-    def _administered(self, name: str, actor: Identity) -> Collection:
+    async def _administered(self, name: str, actor: Identity) -> StoredCollection:
         """A collection the actor may administer: one its namespace created, or any with the operator scope.
         Another namespace's collection reads as missing, as its items do."""
-        collection = self.collections.get(name)
+        collection = await self.backend.lookup(name)
         if collection is not None and ("operator" in actor.scopes or collection.meta.owner == actor.namespace):
             return collection
         raise NotFound(f"The collection '{name}' does not exist.", param="collection")
 
     async def create(self, request: CreateCollection, owner: str) -> dict[str, Any]:
-        # The name is claimed before the first await: two concurrent creates of one name must not both reach the
-        # directory (the second would remove the first one's files as crash leftovers).
-        if request.name in self.collections or request.name in self._creating:
-            raise Conflict(f"The collection '{request.name}' already exists.", param="name")
-        if len(self.collections) + len(self._creating) >= self.settings.max_collections:
-            raise InvalidRequest(f"At most {self.settings.max_collections} collections.")
-        self._creating.add(request.name)
+        self.backend.reserve(request.name)  # before the first await: a concurrent create of the name is refused
         try:
+            if await self.backend.lookup(request.name) is not None:
+                raise Conflict(f"The collection '{request.name}' already exists.", param="name")
+            if await self.backend.collection_count() > self.settings.max_collections:
+                raise InvalidRequest(f"At most {self.settings.max_collections} collections.")
             encoder_id, dim = None, request.dimensions
             if dim is None:
                 encoder = await self._encoder()
                 encoder_id, dim = encoder.model_id, encoder.dim
             meta = CollectionMeta(request.name, dim, encoder_id, request.index, int(time.time()), owner)
-            directory = self.settings.index_dir / request.name
-            if directory.exists():  # leftovers of a deletion interrupted by a crash
-                shutil.rmtree(directory)
-            collection = await asyncio.get_running_loop().run_in_executor(
-                self._writer, Collection.create, directory, meta, self._writer
-            )
-            self.collections[request.name] = collection
+            collection = await self.backend.create(meta)
         finally:
-            self._creating.discard(request.name)
-        return collection.describe()
+            self.backend.release(request.name)
+        return describe(collection, 0)
 
     async def delete_collection(self, name: str, actor: Identity) -> None:
-        collection = self._administered(name, actor)
-        del self.collections[name]
-        collection.close()
-        await asyncio.get_running_loop().run_in_executor(self._writer, shutil.rmtree, collection.directory)
+        await self.backend.drop(await self._administered(name, actor))
 
-    def describe(self, namespace: str) -> list[dict[str, Any]]:
-        out = []
-        for collection in self.collections.values():
+    async def describe(self, namespace: str) -> list[dict[str, Any]]:
+        listed = await self.backend.listing()
+        for collection in listed:
             self._check_encoder(collection)
-            info = collection.describe()
-            shard = collection.shards.get(namespace)
-            info["items"] = len(shard) if shard is not None else 0  # other tenants' counts are not shown
-            out.append(info)
-        return out
+        # Each namespace sees its own item counts only.
+        counts = await asyncio.gather(*(self._count(c, namespace) for c in listed))
+        return [describe(c, items) for c, items in zip(listed, counts, strict=True)]
+
+    @staticmethod
+    async def _count(collection: StoredCollection, namespace: str) -> int:
+        return await collection.count(namespace) if collection.state == "ready" else 0
 
     async def snapshot(self, name: str, actor: Identity) -> None:
-        self._administered(name, actor)
-        await self._get(name).snapshot()
+        await self._administered(name, actor)
+        await (await self._get(name)).snapshot()
 
     # -- items -----------------------------------------------------------------------------------------------
     async def _encoder(self) -> Any:
@@ -205,7 +165,7 @@ class SearchService:
             raise ServiceUnavailable("The embedding model is not available.", headers={"Retry-After": "5"})
         return self.embeddings.encoder
 
-    async def _vectors(self, collection: Collection, contents: list[Content], params: list[str]) -> np.ndarray:
+    async def _vectors(self, collection: StoredCollection, contents: list[Content], params: list[str]) -> np.ndarray:
         """L2-normalised vectors for contents, embedding texts and images in one batch each."""
         out = np.zeros((len(contents), collection.meta.dim), np.float32)
         to_embed: list[tuple[int, Any]] = []
@@ -241,7 +201,7 @@ class SearchService:
         return normalised
 
     async def upsert(self, name: str, namespace: str, items: list[Item]) -> int:
-        collection = self._get(name)
+        collection = await self._get(name)
         if len(items) > self.settings.max_items_per_request:
             raise InvalidRequest(f"At most {self.settings.max_items_per_request} items per request.", param="items")
         ids = [item.id for item in items]
@@ -267,60 +227,67 @@ class SearchService:
         return len(records)
 
     async def delete_item(self, name: str, namespace: str, item_id: str) -> bool:
-        collection = self._get(name)
-        if await asyncio.to_thread(collection.get, namespace, item_id) is None:  # the shard lock: off the loop
+        collection = await self._get(name)
+        if await collection.get(namespace, item_id) is None:
             return False
         await self._write(collection, [Record(0, "delete", namespace, item_id)])
         return True
 
-    async def _write(self, collection: Collection, records: list[Record]) -> None:
+    async def _write(self, collection: StoredCollection, records: list[Record]) -> None:
         started = time.perf_counter()
         try:
             await collection.write(records)
+        except IndexUnavailable:
+            self.metrics.index_write_failures.labels(collection.meta.name).inc()
+            raise
         except OSError as exc:
             log.error("WAL write to %s failed: %s", collection.meta.name, exc.strerror or exc)
             self.metrics.index_write_failures.labels(collection.meta.name).inc()
             raise StorageFailed() from None
         self.metrics.wal_fsync_seconds.observe(time.perf_counter() - started)
         self._update_gauges(collection)
-        if (
-            collection.records_since_snapshot >= self.settings.snapshot_every
-            and collection.meta.name not in self._snapshotting
-        ):
+        if collection.wants_snapshot(self.settings.snapshot_every) and collection.meta.name not in self._snapshotting:
             self._snapshotting.add(collection.meta.name)
             task = asyncio.create_task(self._background_snapshot(collection))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _background_snapshot(self, collection: Collection) -> None:
+    async def _background_snapshot(self, collection: StoredCollection) -> None:
         try:
             await collection.snapshot()
             self._update_gauges(collection)
-        except OSError:
+        except (OSError, IndexUnavailable, NotFound):
             log.exception("snapshot of %s failed; the WAL keeps every write", collection.meta.name)
         finally:
             self._snapshotting.discard(collection.meta.name)
 
-    def _update_gauges(self, collection: Collection) -> None:
-        self.metrics.index_items.labels(collection.meta.name).set(collection.count())
+    def _update_gauges(self, collection: StoredCollection) -> None:
+        items = collection.cached_count()
+        if items is not None:  # Milvus counts in the background (a count is a query there)
+            self.metrics.index_items.labels(collection.meta.name).set(items)
         self.metrics.index_snapshot_timestamp.labels(collection.meta.name).set(collection.last_snapshot)
 
     async def get(self, name: str, namespace: str, item_id: str) -> dict[str, Any]:
-        hit = await asyncio.to_thread(self._get(name).get, namespace, item_id)  # the shard lock: off the loop
+        hit = await (await self._get(name)).get(namespace, item_id)
         if hit is None:
             raise NotFound(f"No item '{item_id}' in collection '{name}'.", param="id")
-        return {"object": "item", "id": hit.item_id, "metadata": hit.metadata, "vector": hit.vector.tolist()}
+        vector = hit.vector.tolist() if hit.vector is not None else []
+        return {"object": "item", "id": hit.item_id, "metadata": hit.metadata, "vector": vector}
 
     async def search(self, request: SearchRequest, namespace: str) -> dict[str, Any]:
-        collection = self._get(request.collection)
+        collection = await self._get(request.collection)
         if request.top_k > self.settings.max_top_k:
             raise InvalidRequest(f"top_k must be at most {self.settings.max_top_k}.", param="top_k")
-        where = compile_filter(request.filter)
+        conditions = parse_filter(request.filter)
         query = (await self._vectors(collection, [request.query], ["query"]))[0]
         started = time.perf_counter()
-        attributes = {"gateway.search.top_k": request.top_k, "gateway.search.filtered": where is not None}
+        attributes = {
+            "gateway.search.top_k": request.top_k,
+            "gateway.search.filtered": bool(conditions),
+            "gateway.search.backend": self.backend.name,
+        }
         with self.tracing.span("gateway.search", attributes=attributes):
-            hits = await asyncio.to_thread(collection.search, namespace, query, request.top_k, where)
+            hits = await collection.search(namespace, query, request.top_k, conditions, request.include_vectors)
         self.metrics.search_seconds.labels(collection.meta.name).observe(time.perf_counter() - started)
         data = []
         for hit in hits:
@@ -330,7 +297,7 @@ class SearchService:
                 "score": hit.score,
                 "metadata": hit.metadata,
             }
-            if request.include_vectors:
+            if request.include_vectors and hit.vector is not None:
                 row["vector"] = hit.vector.tolist()
             data.append(row)
         return {"object": "list", "data": data, "collection": collection.meta.name, "model": collection.meta.encoder}

@@ -12,7 +12,7 @@ import pytest
 
 from gateway.config import hash_api_key
 from tests.media_server import png_bytes
-from tests.support import RunningGateway, run_gateway, write_config
+from tests.support import SEARCH_BACKENDS, RunningGateway, run_gateway, search_settings, write_config
 
 ADMIN, WRITER_A, READER_A, WRITER_B = "sk-admin-1", "sk-writer-a", "sk-reader-a", "sk-writer-b"
 ADMIN_B, OPERATOR, DEFAULT_KEY, NO_SCOPES = "sk-admin-b", "sk-operator", "sk-default", "sk-none"
@@ -22,8 +22,10 @@ def _auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[RunningGateway]:
+@pytest.fixture(scope="module", params=SEARCH_BACKENDS)
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, log_dir: Path, request: pytest.FixtureRequest
+) -> Iterator[RunningGateway]:
     root = tmp_path_factory.mktemp("search")
     keys = [
         {"key": ADMIN, "scopes": ["read", "write", "admin"], "namespace": "ops"},
@@ -40,7 +42,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator
         [],
         keys=keys,
         embeddings={"clip_model": "tiny-random"},
-        search={"index_dir": str(root / "index")},
+        search=search_settings(root, request.param),
     )
     with run_gateway(["--config", str(config)], log_dir) as running:
         running.wait_for_encoder()
@@ -340,3 +342,42 @@ async def test_heavy_filtered_searches_never_stall_the_event_loop(gateway: Runni
     assert live.status_code == 200 and got.status_code == 200 and wrote.status_code == 200
     assert all(r.status_code == 200 and len(r.json()["data"]) == 5 for r in results)
     assert all(h["metadata"]["k"] % 30 == 0 for h in results[0].json()["data"])
+
+
+HOSTILE = ['"', "'", '") or ns != "', "\\", '\\"', "a] or true or [b", "exists", "${x}", "\x00", "🙂", " ", ""]
+
+
+def test_filter_keys_and_values_never_become_expression_syntax(gateway: RunningGateway) -> None:
+    """Each hostile string, as a metadata key and as a value, matches exactly the items a literal comparison
+    would: nothing more (no injected `or`), nothing less (no error), on either engine."""
+    writer = _client(gateway, WRITER_B)
+    items = [
+        {"id": f"h{i}", "vector": [1.0] * 64, "metadata": {text: text, "probe": text}} for i, text in enumerate(HOSTILE)
+    ]
+    items.append({"id": "plain", "vector": [1.0] * 64, "metadata": {"probe": "plain"}})
+    assert writer.post("/v1/collections/media/items", json={"items": items}).status_code == 200
+    query = {"collection": "media", "query": {"vector": [1.0] * 64}, "top_k": 100}
+    for i, text in enumerate(HOSTILE):
+        by_value = writer.post("/v1/search", json={**query, "filter": {"probe": text}})
+        assert by_value.status_code == 200, by_value.text
+        assert [h["id"] for h in by_value.json()["data"]] == [f"h{i}"], text
+        by_key = writer.post("/v1/search", json={**query, "filter": {text: {"in": [text, "other"]}}})
+        assert [h["id"] for h in by_key.json()["data"]] == [f"h{i}"], text
+    missing = writer.post("/v1/search", json={**query, "filter": {'"': None, "probe": {"in": ["plain", '"']}}})
+    assert [h["id"] for h in missing.json()["data"]] == ["plain"], "null matches a missing key only"
+
+
+def test_a_re_upsert_replaces_the_item_whole(gateway: RunningGateway) -> None:
+    """Upsert is idempotent by id and replaces: a key the new version dropped no longer matches a filter, and
+    reads as missing (Milvus Lite's upsert merges rows; the gateway must not inherit that)."""
+    writer = _client(gateway, WRITER_B)
+    first = {"id": "swap", "vector": [1.0] * 64, "metadata": {"colour": "red", "size": 3}}
+    second = {"id": "swap", "vector": [1.0] * 64, "metadata": {"size": 4}}
+    for item in (first, first, second):
+        assert writer.post("/v1/collections/media/items", json={"items": [item]}).status_code == 200
+    query = {"collection": "media", "query": {"vector": [1.0] * 64}, "top_k": 100}
+    red = writer.post("/v1/search", json={**query, "filter": {"colour": "red"}}).json()["data"]
+    assert "swap" not in [h["id"] for h in red]
+    no_colour = writer.post("/v1/search", json={**query, "filter": {"colour": None, "size": 4}}).json()["data"]
+    assert [h["id"] for h in no_colour] == ["swap"]
+    assert writer.get("/v1/collections/media/items/swap").json()["metadata"] == {"size": 4}

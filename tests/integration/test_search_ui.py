@@ -10,22 +10,24 @@ import pytest
 
 from gateway.cli import main as cli_main
 from tests.media_server import png_bytes
-from tests.support import RunningGateway, run_gateway, write_config
+from tests.support import SEARCH_BACKENDS, RunningGateway, run_gateway, search_settings, write_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 KEY = "sk-ui-admin"
 COLOURS = {"red.png": (230, 20, 20), "green.png": (20, 200, 40), "blue.png": (20, 40, 230), "grey.png": (128,) * 3}
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, log_dir: Path) -> Iterator[RunningGateway]:
+@pytest.fixture(scope="module", params=SEARCH_BACKENDS)
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, log_dir: Path, request: pytest.FixtureRequest
+) -> Iterator[RunningGateway]:
     root = tmp_path_factory.mktemp("ui")
     config = write_config(
         root / "g.yaml",
         [],
         api_keys=[KEY],
         embeddings={"clip_model": "tiny-random"},
-        search={"index_dir": str(root / "index")},
+        search=search_settings(root, request.param),
     )
     photos = root / "photos"
     photos.mkdir()
