@@ -16,14 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import functools
 import hashlib
 import logging
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +36,7 @@ from gateway.search.collection import CollectionMeta
 from gateway.search.config import IndexSpec
 from gateway.search.filters import MISSING, Condition, is_key_field, item_fields, milvus_expression, namespace_token
 from gateway.search.index import Hit
+from gateway.search.milvus_lite import LiteServer, is_lite_path
 from gateway.search.store import Record
 
 log = logging.getLogger("gateway.search")
@@ -61,10 +57,6 @@ class CollectionReleased(Exception):
     """Milvus holds the collection but has not loaded it (after a Milvus restart)."""
 
 
-def is_lite_path(uri: str) -> bool:
-    return not uri.startswith(("http://", "https://", "tcp://", "unix:"))
-
-
 def milvus_name(prefix: str, name: str) -> str:
     """Milvus names allow [A-Za-z0-9_] only; the API's allow dots and dashes, so the name travels as hex."""
     return prefix + name.encode().hex()
@@ -72,52 +64,6 @@ def milvus_name(prefix: str, name: str) -> str:
 
 def primary_key(namespace: str, item_id: str) -> str:
     return hashlib.blake2b(repr((namespace, item_id)).encode(), digest_size=16).hexdigest()
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: a kill -9'd gateway leaves no Lite holding the file lock
-
-
-class LiteServer:
-    """Milvus Lite (`milvus-lite server`) as a child process on a loopback port, restarted when it exits. A child
-    rather than in-process threads: its search work then never competes with the event loop for the GIL."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.port = _free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def start(self) -> None:
-        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(self.data_dir)]
-        argv += ["--host", "127.0.0.1", "--port", str(self.port)]
-        self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-            argv, stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent if sys.platform == "linux" else None
-        )
-        log.info("Milvus Lite started (pid %d) for %s on port %d", self.process.pid, self.data_dir, self.port)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def index_params(spec: IndexSpec) -> tuple[str, dict[str, Any]]:

@@ -273,9 +273,31 @@ def test_lora_pools_serve_their_adapters_and_the_gateway_knows_them(tmp_path: Pa
     assert secret["valueFrom"]["secretKeyRef"] == {"name": "ids", "key": "k"}
 
 
+def test_a_milvus_backed_retrieval_tier_is_stateless_and_scales_out(tmp_path: Path) -> None:
+    milvus = {"uri": "http://milvus.milvus.svc:19530", "tokenSecret": {"existingSecret": "milvus", "key": "token"}}
+    objects = render(tmp_path, {"retrieval": {"backend": "milvus", "replicas": 3, "milvus": milvus}})
+    assert not [s for s in by_kind(objects, "StatefulSet") if s["metadata"]["name"].endswith("retrieval")]
+    retrieval = next(d for d in by_kind(objects, "Deployment") if d["metadata"]["name"].endswith("retrieval"))
+    assert retrieval["spec"]["replicas"] == 3
+    spec = pod_spec(retrieval)
+    assert "volumeClaimTemplates" not in retrieval["spec"]
+    assert all("persistentVolumeClaim" not in v for v in spec["volumes"]), "no PVC: the index is in Milvus"
+    token = next(e for e in spec["containers"][0]["env"] if e["name"] == "GATEWAY_SEARCH__MILVUS_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "milvus", "key": "token"}
+    budget = next(p for p in by_kind(objects, "PodDisruptionBudget") if p["metadata"]["name"].endswith("retrieval"))
+    assert budget["spec"]["selector"]["matchLabels"] == retrieval["spec"]["selector"]["matchLabels"]
+    config = Settings.model_validate(yaml.safe_load(by_kind(objects, "ConfigMap")[0]["data"]["retrieval.yaml"]))
+    assert config.search.backend == "milvus" and config.search.milvus_uri == milvus["uri"]
+    assert config.search.milvus_consistency == "Strong" and config.search.milvus_token is None
+    for obj in (retrieval, budget):
+        kubernetes_validate.validate(copy.deepcopy(obj), KUBE_VERSION, strict=True)
+
+
 @pytest.mark.parametrize(
     ("values", "complaint"),
     [
+        ({"retrieval": {"backend": "milvus"}}, "uri"),
+        ({"retrieval": {"backend": "milvus", "milvus": {"uri": "milvus:19530"}}}, "uri"),
         ({"vllm": {"pools": [{"name": "p", "quantization": "int3"}]}}, "quantization"),
         ({"gateway": {"config": {"api_keys": ["sk-plain-text"]}}}, "api_keys"),
         ({"gateway": {"config": {"rate_limits_redis_url": "redis://:pw@redis:6379"}}}, "rate_limits_redis_url"),

@@ -84,7 +84,11 @@ breaks per pod rather than per ClusterIP. */}}
 {{- define "vlm.retrievalConfig" -}}
 {{- $r := .Values.retrieval -}}
 {{- $embeddings := dict "clip_model" $r.clipModel "pretrained" $r.clipPretrained "device" $r.device -}}
-{{- $base := dict "role" "retrieval" "host" "0.0.0.0" "port" $r.port "metrics_port" .Values.gateway.metricsPort "log_level" .Values.gateway.logLevel "embeddings" $embeddings "search" (dict "index_dir" "/var/lib/vlm-gateway/index") "drain_delay" 0 "drain_timeout" .Values.gateway.drainTimeoutSeconds -}}
+{{- $search := dict "index_dir" "/var/lib/vlm-gateway/index" -}}
+{{- if eq $r.backend "milvus" -}}
+{{- $search = dict "backend" "milvus" "milvus_uri" $r.milvus.uri "milvus_consistency" $r.milvus.consistency -}}
+{{- end -}}
+{{- $base := dict "role" "retrieval" "host" "0.0.0.0" "port" $r.port "metrics_port" .Values.gateway.metricsPort "log_level" .Values.gateway.logLevel "embeddings" $embeddings "search" $search "drain_delay" 0 "drain_timeout" .Values.gateway.drainTimeoutSeconds -}}
 {{- if .Values.gateway.apiKeys.existingSecret -}}
 {{- $_ := set $base "keys_file" (printf "/etc/vlm-gateway/keys/%s" .Values.gateway.apiKeys.key) -}}
 {{- end -}}
