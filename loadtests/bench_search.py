@@ -2,8 +2,11 @@
 
 For each size: recall@10 of HNSW and IVF against exact search, and single-query QPS of each kind, measured
 through the gateway's own Shard (what /v1/search runs). With --e2e, also /v1/search p50 through a real gateway
-process holding the same vectors.
+process holding the same vectors. With --engines, both engines side by side through a real gateway's /v1/search:
+upsert throughput, single-query QPS, recall@10 against exact search, and resident memory (the gateway's, plus
+Milvus Lite's own process).
     .venv/bin/python loadtests/bench_search.py --sizes 100000 1000000 --e2e
+    .venv/bin/python loadtests/bench_search.py --sizes 100000 --engines faiss milvus --kind hnsw
 """
 
 from __future__ import annotations
@@ -82,12 +85,66 @@ def e2e_p50(vectors: np.ndarray, queries: np.ndarray, log_dir: Path) -> float:
         return statistics.median(latencies) * 1000
 
 
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def engine_row(engine: str, kind: str, vectors: np.ndarray, queries: np.ndarray, log_dir: Path) -> str:
+    """One engine behind a real gateway: the same items, the same queries, the same client."""
+    import re
+
+    from tests.support import run_gateway, search_settings, write_config
+
+    search = search_settings(log_dir, engine, snapshot_every=10_000_000, max_items_per_request=1000)
+    config = write_config(log_dir / f"{engine}.yaml", [], search=search)
+    exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+    with (
+        run_gateway(["--config", str(config)], log_dir) as gateway,
+        httpx.Client(base_url=gateway.base_url, timeout=600) as client,
+    ):
+        index = {"kind": kind, "min_rows_for_ann": 1}
+        client.post("/v1/collections", json={"name": "bench", "dimensions": DIM, "index": index}).raise_for_status()
+        started = time.perf_counter()
+        for start in range(0, len(vectors), 1000):
+            chunk = vectors[start : start + 1000]
+            items = [{"id": str(start + i), "vector": v.tolist()} for i, v in enumerate(chunk)]
+            client.post("/v1/collections/bench/items", json={"items": items}).raise_for_status()
+        upserts = len(vectors) / (time.perf_counter() - started)
+        client.post("/v1/collections/bench/snapshot").raise_for_status()  # Milvus: flush, so segments get indexed
+        time.sleep(5)  # FAISS rebuilds its ANN index, Milvus indexes sealed segments, in the background
+        found, started = [], time.perf_counter()
+        for query in queries:
+            body = {"collection": "bench", "query": {"vector": query.tolist()}, "top_k": 10}
+            found.append([int(h["id"]) for h in client.post("/v1/search", json=body).raise_for_status().json()["data"]])
+        qps = len(queries) / (time.perf_counter() - started)
+        hit = statistics.mean(len(set(f) & set(t.tolist())) / 10 for f, t in zip(found, exact, strict=True))
+        assert gateway.process.proc is not None
+        memory = _rss_mib(gateway.process.proc.pid)
+        children = re.findall(r"Milvus Lite started \(pid (\d+)\)", gateway.log())
+        if children:
+            memory += _rss_mib(int(children[-1]))
+    return f"{len(vectors):>9} {engine:>7} {kind:>5} {upserts:>10.0f} {qps:>9.1f} {hit:>10.3f} {memory:>9.0f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", type=int, default=[100_000])
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--e2e", action="store_true", help="also /v1/search p50 through a gateway (first size)")
+    parser.add_argument("--engines", nargs="+", choices=["faiss", "milvus"], help="compare engines via /v1/search")
+    parser.add_argument("--kind", default="hnsw", choices=["flat", "hnsw", "ivf"], help="index kind for --engines")
     args = parser.parse_args()
+    if args.engines:
+        print(f"{'vectors':>9} {'engine':>7} {'kind':>5} {'upserts/s':>10} {'QPS':>9} {'recall@10':>10} {'RSS MiB':>9}")
+        for size in args.sizes:
+            vectors, queries = clustered(size, min(args.queries, 300))
+            for engine in args.engines:
+                with tempfile.TemporaryDirectory() as tmp:
+                    print(engine_row(engine, args.kind, vectors, queries, Path(tmp)), flush=True)
+        return
     specs = [
         IndexSpec(kind="flat"),
         IndexSpec(kind="hnsw", m=32, ef_construction=80, ef_search=64),
