@@ -2,6 +2,8 @@
 
 `POST /v1/traces` with an `ExportTraceServiceRequest` (protobuf, optionally gzip) is answered 200 and its spans
 kept, flattened, for a test to find by name and trace id. It runs in a thread, so sync and async tests both use it.
+`start_grpc()` also serves OTLP/gRPC (the collector's TraceService, from opentelemetry-proto's stubs) on
+`grpc_port`, into the same list.
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ def _attributes(pairs: Any) -> dict[str, Any]:
 class OtlpReceiver:
     port: int = field(default_factory=free_port)
     spans: list[ReceivedSpan] = field(default_factory=list)
+    grpc_port: int = field(default_factory=free_port)
     _server: ThreadingHTTPServer | None = None
+    _grpc: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -80,10 +84,31 @@ class OtlpReceiver:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
+    def start_grpc(self) -> OtlpReceiver:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+        receiver = self
+
+        class TraceService(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+            def Export(self, request: ExportTraceServiceRequest, context: Any) -> ExportTraceServiceResponse:
+                receiver._keep(request)
+                return ExportTraceServiceResponse()
+
+        self._grpc = grpc.server(ThreadPoolExecutor(2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), self._grpc)
+        self._grpc.add_insecure_port(f"127.0.0.1:{self.grpc_port}")
+        self._grpc.start()
+        return self
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+        if self._grpc is not None:
+            self._grpc.stop(grace=None)
 
     def _keep(self, request: ExportTraceServiceRequest) -> None:
         found = []

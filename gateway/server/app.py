@@ -35,7 +35,7 @@ from gateway.responses.protocol import ResponsesRequest
 from gateway.search import router as search_router
 from gateway.search.service import SearchService
 from gateway.server import adapters as adapters_router
-from gateway.server import health, models, retrieval_proxy
+from gateway.server import health, models, retrieval_proxy, ui
 from gateway.server.hotpath import HotPathDispatch
 from gateway.server.metrics_server import MetricsServer
 from gateway.server.middleware import GatewayMiddleware
@@ -215,6 +215,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(embeddings_router.router)
         app.include_router(search_router.router)
     app.include_router(health.router)
+    app.include_router(ui.router)
     if settings.metrics_port is None:
         app.add_route("/metrics", health.metrics_endpoint, methods=["GET"], include_in_schema=False)
     app.add_exception_handler(GatewayError, _on_gateway_error)

@@ -6,8 +6,6 @@ which models can be served right now.
 
 from __future__ import annotations
 
-from importlib import resources
-
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
@@ -54,13 +52,6 @@ async def ready(request: Request) -> JSONResponse:
         "embeddings": embeddings,
     }
     return JSONResponse(body, status_code=200 if ready_now else 503)
-
-
-@router.get("/ui", include_in_schema=False)
-async def search_page() -> Response:
-    """The search page; it calls the API with the key the user types, so it needs no auth of its own."""
-    page = resources.files("gateway.ui").joinpath("index.html").read_bytes()
-    return Response(page, media_type="text/html; charset=utf-8")
 
 
 async def metrics_endpoint(request: Request) -> Response:

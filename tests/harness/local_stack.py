@@ -22,6 +22,8 @@ LOCAL_BANNER = """
  vlm-gateway local stack is up
    gateway : http://127.0.0.1:{gateway_port}/v1     (model "{model}"{adapter_note})
    vLLM    : http://127.0.0.1:{vllm_port}           (CPU build, log: {vllm_log})
+   chat    : http://127.0.0.1:{gateway_port}/ui/chat     (in a browser: stream, attach images, stop)
+   search  : http://127.0.0.1:{gateway_port}/ui
    metrics : http://127.0.0.1:{gateway_port}/metrics
    embeddings: model "clip-tiny-random" (random-weight CLIP, 64-d) at /v1/embeddings
 

@@ -116,3 +116,25 @@ async def test_tracing_stays_off_without_an_endpoint(
             assert (await client.post("/v1/chat/completions", json=body, headers=headers)).status_code == 200
     assert fake_a.traceparents == [""], "nothing propagated when tracing is off"
     assert receiver.find(lambda s: True, timeout=1) == []
+
+
+async def test_spans_reach_an_otlp_grpc_receiver(tmp_path: Path, log_dir: Path, fake_a: FakeVllm) -> None:
+    """The other standard transport: OTEL_EXPORTER_OTLP_PROTOCOL=grpc sends the same spans over gRPC."""
+    receiver = OtlpReceiver().start_grpc()
+    env = {
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.grpc_port}",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+    config = write_config(tmp_path / "g.yaml", [{"name": "m", "upstreams": [fake_a.url]}])
+    try:
+        async with run_gateway_async(["--config", str(config)], log_dir, env=env) as gateway:
+            async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
+                body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+                headers = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}
+                assert (await client.post("/v1/chat/completions", json=body, headers=headers)).status_code == 200
+            spans = receiver.find(lambda s: s.trace_id == CLIENT_TRACE and s.name == "POST /v1/chat/completions")
+    finally:
+        receiver.stop()
+    assert spans and spans[0].parent_span_id == CLIENT_SPAN
+    assert spans[0].attributes["gen_ai.request.model"] == "m"

@@ -1,40 +1,3 @@
-<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>vlm-gateway search</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-  body { font: 15px system-ui, sans-serif; margin: 0; background: #f6f7f9; color: #1d2330; }
-  header { background: #1d2330; color: #fff; padding: 12px 20px; font-weight: 600; }
-  form { display: flex; flex-wrap: wrap; gap: 8px; padding: 16px 20px; background: #fff; border-bottom: 1px solid #dde1e7; }
-  input, select, button { font: inherit; padding: 6px 10px; border: 1px solid #c4cad4; border-radius: 6px; }
-  input[type=text] { flex: 1 1 260px; }
-  button { background: #2f6fed; color: #fff; border-color: #2f6fed; cursor: pointer; }
-  #status { padding: 8px 20px; color: #5b6475; min-height: 1.2em; }
-  #status.error { color: #b42318; }
-  #results { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 12px; padding: 0 20px 20px; }
-  .card { background: #fff; border: 1px solid #dde1e7; border-radius: 8px; overflow: hidden; }
-  .card img { width: 100%; height: 130px; object-fit: cover; background: #e8ebf0; display: block; }
-  .card .text { height: 130px; display: flex; align-items: center; justify-content: center; padding: 8px;
-                text-align: center; background: #eef2fb; font-style: italic; }
-  .card .meta { padding: 8px; font-size: 13px; word-break: break-all; }
-  .score { font-weight: 600; color: #2f6fed; }
-</style>
-</head>
-<body>
-<header>vlm-gateway · search</header>
-<form id="search">
-  <input id="key" type="password" placeholder="API key (if the gateway needs one)" autocomplete="off">
-  <select id="collection" aria-label="collection"></select>
-  <input id="text" type="text" placeholder="Describe what you are looking for…">
-  <input id="image" type="file" accept="image/*" aria-label="or search by image">
-  <input id="topk" type="number" min="1" max="100" value="12" aria-label="results" style="width: 5em">
-  <button type="submit" id="go">Search</button>
-</form>
-<div id="status"></div>
-<div id="results"></div>
-<script>
 const $ = (id) => document.getElementById(id);
 $("key").value = localStorage.getItem("gatewayKey") || "";
 
@@ -117,6 +80,3 @@ $("search").addEventListener("submit", async (event) => {
 });
 $("key").addEventListener("change", loadCollections);
 loadCollections();
-</script>
-</body>
-</html>

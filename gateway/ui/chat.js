@@ -1,0 +1,144 @@
+// The chat page: the gateway's own /v1/chat/completions, streamed, with the key the user types (as the search
+// page). Multi-turn history lives here; Stop aborts the request, and the gateway then aborts the replica's.
+const $ = (id) => document.getElementById(id);
+const history = [];
+let running = null;
+$("key").value = localStorage.getItem("gatewayKey") || "";
+
+function headers() {
+  const key = $("key").value.trim();
+  localStorage.setItem("gatewayKey", key);
+  const h = { "Content-Type": "application/json" };
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+function status(message, isError) {
+  $("status").textContent = message;
+  $("status").className = isError ? "error" : "";
+}
+
+function bubble(role, text, images) {
+  const div = document.createElement("div");
+  div.className = "turn " + role;
+  div.textContent = text;
+  for (const url of images || []) {
+    const img = document.createElement("img");
+    img.src = url;  // data URLs or the gateway's own origin only (the page's Content-Security-Policy)
+    img.alt = "attached image";
+    div.append(img);
+  }
+  $("log").append(div);
+  $("log").scrollTop = $("log").scrollHeight;
+  return div;
+}
+
+async function errorMessage(response) {
+  try {
+    const payload = await response.json();
+    return payload.error ? payload.error.message : response.statusText;
+  } catch (_) { return response.statusText || "HTTP " + response.status; }
+}
+
+async function loadModels() {
+  try {
+    const response = await fetch("/v1/models", { headers: headers() });
+    if (!response.ok) throw new Error(await errorMessage(response));
+    const models = (await response.json()).data.filter((m) => !m.id.startsWith("clip-"));
+    $("model").replaceChildren(...models.map((m) => new Option(m.id, m.id)));
+    status(models.length ? "" : "No chat models are configured.");
+  } catch (error) { status(error.message, true); }
+}
+
+function readFile(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function userContent() {
+  const parts = [];
+  const text = $("message").value;
+  if (text.trim()) parts.push({ type: "text", text });
+  const shown = [];
+  for (const file of $("images").files) {
+    const url = await readFile(file);
+    parts.push({ type: "image_url", image_url: { url } });
+    shown.push(url);
+  }
+  const remote = $("image-url").value.trim();
+  if (remote) parts.push({ type: "image_url", image_url: { url: remote } });  // the gateway fetches it
+  const video = $("video").files[0];
+  if (video) parts.push({ type: "video_url", video_url: { url: await readFile(video) } });
+  return { parts, shown, text };
+}
+
+// SSE frames from the fetch body: "data: {json}\n\n"; an error event carries {"error": {...}}.
+async function* events(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const frame = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      for (const line of frame.split("\n")) {
+        if (!line.startsWith("data: ")) continue;
+        const data = line.slice(6);
+        if (data === "[DONE]") return;
+        yield JSON.parse(data);
+      }
+    }
+  }
+}
+
+async function send(event) {
+  event.preventDefault();
+  if (running) return;
+  const { parts, shown, text } = await userContent();
+  if (!parts.length) { status("Type a message or attach an image.", true); return; }
+  history.push({ role: "user", content: parts });
+  bubble("user", text, shown);
+  $("message").value = ""; $("images").value = ""; $("image-url").value = ""; $("video").value = "";
+  const answer = bubble("assistant", "");
+  running = new AbortController();
+  $("send").disabled = true; $("stop").disabled = false;
+  status("…");
+  let reply = "";
+  try {
+    const response = await fetch("/v1/chat/completions", {
+      method: "POST", headers: headers(), signal: running.signal,
+      body: JSON.stringify({ model: $("model").value, messages: history, stream: true,
+                             max_tokens: Number($("max").value) || 256 }),
+    });
+    if (!response.ok) throw new Error(await errorMessage(response));
+    for await (const chunk of events(response)) {
+      if (chunk.error) throw new Error(chunk.error.message);
+      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+      if (delta && delta.content) { reply += delta.content; answer.textContent = reply; }
+    }
+    status("");
+  } catch (error) {
+    if (error.name === "AbortError") status("Stopped.");
+    else { answer.className = "turn error"; answer.textContent = error.message; status(error.message, true); }
+  } finally {
+    if (reply) history.push({ role: "assistant", content: reply });
+    else if (answer.className !== "turn error") answer.remove();
+    if (!reply) history.pop();  // nothing came back: the turn can be sent again
+    running = null;
+    $("send").disabled = false; $("stop").disabled = true;
+  }
+}
+
+$("compose").addEventListener("submit", send);
+$("stop").addEventListener("click", () => running && running.abort());
+$("clear").addEventListener("click", () => { history.length = 0; $("log").replaceChildren(); status(""); });
+$("key").addEventListener("change", loadModels);
+loadModels();
