@@ -41,7 +41,17 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_VENV = ROOT / ".cache" / "bench-venv"
 PROXY_CORE, LOAD_CORE = "0", "1"
 MOCK_PORT = 9310
-PORTS = {"direct": MOCK_PORT, "gateway": 9311, "nginx": 9312, "vllm-router": 9313, "litellm": 9314}
+PORTS = {
+    "direct": MOCK_PORT,
+    "gateway": 9311,
+    "nginx": 9312,
+    "vllm-router": 9313,
+    "litellm": 9314,
+    "gateway-traced": 9315,  # tracing on: every request sampled, exported over OTLP/HTTP to a local receiver
+    "gateway-base": 9316,  # the same gateway at --base-commit (e.g. before a change), for "within noise" claims
+}
+OTLP_PORT = 9317
+BASE_TREE = Path(tempfile.gettempdir()) / "bench-proxies-base-tree"
 CHAT = {"model": "mock", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
 WRK_SCRIPT = """
 wrk.method = "POST"
@@ -80,12 +90,27 @@ def _popen(argv: list[str], log: Path, **kwargs: object) -> subprocess.Popen[byt
     return subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True, **kwargs)  # type: ignore[call-overload,no-any-return]
 
 
-def start_gateway(work: Path) -> subprocess.Popen[bytes]:
+def start_gateway(work: Path, arm: str = "gateway", extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     argv = pinned(PROXY_CORE, sys.executable, "-m", "gateway.cli", "serve")
-    argv += ["--upstream", f"http://127.0.0.1:{MOCK_PORT}", "--model", "mock", "--port", str(PORTS["gateway"])]
+    argv += ["--upstream", f"http://127.0.0.1:{MOCK_PORT}", "--model", "mock", "--port", str(PORTS[arm])]
     argv += ["--log-level", "warning", "--api-key", "sk-bench"]  # keys checked, as LiteLLM checks its master key
-    env = {**os.environ, "GATEWAY_EMBEDDINGS__ENABLED": "false"}  # chat only: no CLIP encoder in the process
-    return _popen(argv, work / "gateway.log", env=env)
+    env = {**os.environ, "GATEWAY_EMBEDDINGS__ENABLED": "false", **(extra_env or {})}  # chat only: no CLIP encoder
+    return _popen(argv, work / f"{arm}.log", env=env)
+
+
+def start_traced_gateway(work: Path) -> subprocess.Popen[bytes]:
+    sys.path.insert(0, str(ROOT))
+    from tests.otlp_receiver import OtlpReceiver
+
+    OtlpReceiver(port=OTLP_PORT).start()  # in this process, on the load core: it decodes every span it gets
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{OTLP_PORT}", "OTEL_TRACES_SAMPLER": "always_on"}
+    return start_gateway(work, "gateway-traced", env)
+
+
+def start_base_gateway(work: Path) -> subprocess.Popen[bytes]:
+    """The gateway as of --base-commit, checked out beside this one and imported first on PYTHONPATH."""
+    env = {"PYTHONPATH": str(BASE_TREE)}
+    return start_gateway(work, "gateway-base", env)
 
 
 def start_nginx(work: Path) -> subprocess.Popen[bytes]:
@@ -141,6 +166,8 @@ ARMS = {
     "nginx": start_nginx,
     "vllm-router": start_vllm_router,
     "litellm": start_litellm,
+    "gateway-traced": start_traced_gateway,
+    "gateway-base": start_base_gateway,
 }
 
 
@@ -316,8 +343,16 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of " + ", ".join(ARMS))
     parser.add_argument("--plot", type=Path, default=ROOT / ".cache" / "bench-proxies.png")
+    parser.add_argument("--base-commit", help="the commit the gateway-base arm runs (git worktree in a temp dir)")
     args = parser.parse_args()
     names = [n for n in args.arms.split(",") if n]
+    if "gateway-base" in names:
+        assert args.base_commit, "the gateway-base arm needs --base-commit"
+        if BASE_TREE.exists():
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(BASE_TREE)], check=False)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(BASE_TREE), args.base_commit], check=True
+        )
     assert names[0] == "direct", "direct comes first: every added figure is measured against it"
     work = Path(tempfile.mkdtemp(prefix="bench-proxies-"))
     script = work / "chat.lua"

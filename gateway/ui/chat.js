@@ -99,9 +99,21 @@ async function* events(response) {
   }
 }
 
+function extraParameters() {
+  const raw = $("params").value.trim();
+  if (!raw) return {};
+  const parsed = JSON.parse(raw);  // a SyntaxError is shown as the reason
+  if (typeof parsed !== "object" || parsed === null || Array.isArray(parsed)) {
+    throw new Error("Parameters must be a JSON object.");
+  }
+  return parsed;
+}
+
 async function send(event) {
   event.preventDefault();
   if (running) return;
+  let extra;
+  try { extra = extraParameters(); } catch (error) { status("More parameters: " + error.message, true); return; }
   const { parts, shown, text } = await userContent();
   if (!parts.length) { status("Type a message or attach an image.", true); return; }
   history.push({ role: "user", content: parts });
@@ -115,7 +127,7 @@ async function send(event) {
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), signal: running.signal,
-      body: JSON.stringify({ model: $("model").value, messages: history, stream: true,
+      body: JSON.stringify({ ...extra, model: $("model").value, messages: history, stream: true,
                              max_tokens: Number($("max").value) || 256 }),
     });
     if (!response.ok) throw new Error(await errorMessage(response));
