@@ -92,7 +92,7 @@ def _rss_mib(pid: int) -> float:
     return 0.0
 
 
-def engine_row(engine: str, kind: str, vectors: np.ndarray, queries: np.ndarray, log_dir: Path) -> str:
+def engine_row(engine: str, kind: str, vectors: np.ndarray, queries: np.ndarray, log_dir: Path, settle: float) -> str:
     """One engine behind a real gateway: the same items, the same queries, the same client."""
     import re
 
@@ -114,7 +114,7 @@ def engine_row(engine: str, kind: str, vectors: np.ndarray, queries: np.ndarray,
             client.post("/v1/collections/bench/items", json={"items": items}).raise_for_status()
         upserts = len(vectors) / (time.perf_counter() - started)
         client.post("/v1/collections/bench/snapshot").raise_for_status()  # Milvus: flush, so segments get indexed
-        time.sleep(5)  # FAISS rebuilds its ANN index, Milvus indexes sealed segments, in the background
+        time.sleep(settle)  # FAISS rebuilds its ANN index, Milvus indexes sealed segments, in the background
         found, started = [], time.perf_counter()
         for query in queries:
             body = {"collection": "bench", "query": {"vector": query.tolist()}, "top_k": 10}
@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--e2e", action="store_true", help="also /v1/search p50 through a gateway (first size)")
     parser.add_argument("--engines", nargs="+", choices=["faiss", "milvus"], help="compare engines via /v1/search")
     parser.add_argument("--kind", default="hnsw", choices=["flat", "hnsw", "ivf"], help="index kind for --engines")
+    parser.add_argument("--settle", type=float, default=90.0, help="--engines: seconds for background index builds")
     args = parser.parse_args()
     if args.engines:
         print(f"{'vectors':>9} {'engine':>7} {'kind':>5} {'upserts/s':>10} {'QPS':>9} {'recall@10':>10} {'RSS MiB':>9}")
@@ -143,7 +144,7 @@ def main() -> None:
             vectors, queries = clustered(size, min(args.queries, 300))
             for engine in args.engines:
                 with tempfile.TemporaryDirectory() as tmp:
-                    print(engine_row(engine, args.kind, vectors, queries, Path(tmp)), flush=True)
+                    print(engine_row(engine, args.kind, vectors, queries, Path(tmp), args.settle), flush=True)
         return
     specs = [
         IndexSpec(kind="flat"),

@@ -15,7 +15,9 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API runs an event loop in this thread while it is open, and the
+# async tests that follow a module need the thread's loop to themselves.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     if CHROMIUM is None:
         pytest.fail("chromium is not installed: scripts/setup installs Debian's chromium")

@@ -27,7 +27,7 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-ASSETS = {"ui.css": "text/css", "search.js": "text/javascript", "chat.js": "text/javascript"}
+ASSETS = {name: "text/javascript" for name in ("common.js", "search.js", "chat.js")} | {"ui.css": "text/css"}
 
 
 @cache

@@ -1,22 +1,8 @@
 // The chat page: the gateway's own /v1/chat/completions, streamed, with the key the user types (as the search
-// page). Multi-turn history lives here; Stop aborts the request, and the gateway then aborts the replica's.
-const $ = (id) => document.getElementById(id);
-const history = [];
+// page). Multi-turn conversation lives here; Stop aborts the request, and the gateway then aborts the replica's.
+// common.js comes first.
+const conversation = [];
 let running = null;
-$("key").value = localStorage.getItem("gatewayKey") || "";
-
-function headers() {
-  const key = $("key").value.trim();
-  localStorage.setItem("gatewayKey", key);
-  const h = { "Content-Type": "application/json" };
-  if (key) h["Authorization"] = "Bearer " + key;
-  return h;
-}
-
-function status(message, isError) {
-  $("status").textContent = message;
-  $("status").className = isError ? "error" : "";
-}
 
 function bubble(role, text, images) {
   const div = document.createElement("div");
@@ -48,15 +34,6 @@ async function loadModels() {
     $("model").replaceChildren(...models.map((m) => new Option(m.id, m.id)));
     status(models.length ? "" : "No chat models are configured.");
   } catch (error) { status(error.message, true); }
-}
-
-function readFile(file) {
-  return new Promise((resolve, reject) => {
-    const reader = new FileReader();
-    reader.onload = () => resolve(reader.result);
-    reader.onerror = () => reject(reader.error);
-    reader.readAsDataURL(file);
-  });
 }
 
 async function userContent() {
@@ -116,7 +93,7 @@ async function send(event) {
   try { extra = extraParameters(); } catch (error) { status("More parameters: " + error.message, true); return; }
   const { parts, shown, text } = await userContent();
   if (!parts.length) { status("Type a message or attach an image.", true); return; }
-  history.push({ role: "user", content: parts });
+  conversation.push({ role: "user", content: parts });
   bubble("user", text, shown);
   $("message").value = ""; $("images").value = ""; $("image-url").value = ""; $("video").value = "";
   const answer = bubble("assistant", "");
@@ -127,7 +104,7 @@ async function send(event) {
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), signal: running.signal,
-      body: JSON.stringify({ ...extra, model: $("model").value, messages: history, stream: true,
+      body: JSON.stringify({ ...extra, model: $("model").value, messages: conversation, stream: true,
                              max_tokens: Number($("max").value) || 256 }),
     });
     if (!response.ok) throw new Error(await errorMessage(response));
@@ -141,9 +118,9 @@ async function send(event) {
     if (error.name === "AbortError") status("Stopped.");
     else { answer.className = "turn error"; answer.textContent = error.message; status(error.message, true); }
   } finally {
-    if (reply) history.push({ role: "assistant", content: reply });
+    if (reply) conversation.push({ role: "assistant", content: reply });
     else if (answer.className !== "turn error") answer.remove();
-    if (!reply) history.pop();  // nothing came back: the turn can be sent again
+    if (!reply) conversation.pop();  // nothing came back: the turn can be sent again
     running = null;
     $("send").disabled = false; $("stop").disabled = true;
   }
@@ -151,6 +128,6 @@ async function send(event) {
 
 $("compose").addEventListener("submit", send);
 $("stop").addEventListener("click", () => running && running.abort());
-$("clear").addEventListener("click", () => { history.length = 0; $("log").replaceChildren(); status(""); });
+$("clear").addEventListener("click", () => { conversation.length = 0; $("log").replaceChildren(); status(""); });
 $("key").addEventListener("change", loadModels);
 loadModels();

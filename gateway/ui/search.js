@@ -1,19 +1,4 @@
-const $ = (id) => document.getElementById(id);
-$("key").value = localStorage.getItem("gatewayKey") || "";
-
-function headers() {
-  const key = $("key").value.trim();
-  localStorage.setItem("gatewayKey", key);
-  const h = { "Content-Type": "application/json" };
-  if (key) h["Authorization"] = "Bearer " + key;
-  return h;
-}
-
-function status(message, isError) {
-  $("status").textContent = message;
-  $("status").className = isError ? "error" : "";
-}
-
+// The search page (common.js comes first).
 async function call(path, body) {
   const response = await fetch(path, body ? { method: "POST", headers: headers(), body: JSON.stringify(body) }
                                           : { headers: headers() });
@@ -28,15 +13,6 @@ async function loadCollections() {
     $("collection").replaceChildren(...list.data.map((c) => new Option(`${c.name} (${c.items})`, c.name)));
     status(list.data.length ? "" : "No collections yet: create one and add items (gateway index add).");
   } catch (error) { status(error.message, true); }
-}
-
-function readFile(file) {
-  return new Promise((resolve, reject) => {
-    const reader = new FileReader();
-    reader.onload = () => resolve(reader.result);
-    reader.onerror = () => reject(reader.error);
-    reader.readAsDataURL(file);
-  });
 }
 
 function card(hit) {

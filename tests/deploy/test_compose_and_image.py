@@ -141,10 +141,10 @@ def test_dockerfile_is_multi_stage_non_root_with_a_health_check_and_the_readme_i
     assert "HEALTHCHECK" in final and "/health/live" in final
     assert re.search(r"ARG VARIANT=cpu", dockerfile) and "cuda)" in dockerfile
     readme = (ROOT / "README.md").read_text()
-    documented = re.search(r"pip install -c deploy/constraints\.txt \"\.\[clip\]\"", readme)
+    documented = re.search(r"pip install -c deploy/constraints\.txt \"\.\[clip,milvus\]\"", readme)
     assert documented, "the README documents the install the image performs"
     assert re.search(r'pip install .*-c deploy/constraints\.txt "\.\$\{extras\}"', dockerfile)
-    assert 'cpu)   extras="[clip]"' in dockerfile and 'cuda)  extras="[clip]"' in dockerfile
+    assert 'cpu)   extras="[clip,milvus]"' in dockerfile and 'cuda)  extras="[clip,milvus]"' in dockerfile
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "tests"} <= set(ignored)
 

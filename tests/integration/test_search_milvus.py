@@ -145,7 +145,26 @@ def test_milvus_down_answers_503_then_recovers_without_a_restart(
         assert client.post("/v1/collections/c/items", json={"items": kept}).status_code == 200
         query = {"collection": "c", "query": {"vector": kept[0]["vector"]}, "top_k": 3}
         assert client.post("/v1/search", json=query).json()["data"][0]["id"] == "a0"
+        statuses: list[int] = []
+        acknowledged: set[str] = set()
+        stop = threading.Event()
+
+        def load() -> None:  # a writer and a searcher, back to back, through the kill
+            with httpx.Client(base_url=gateway.base_url, timeout=15) as own:
+                n = 0
+                while not stop.is_set():
+                    item = {"id": f"w{n}", "vector": _vector(random.Random(n))}
+                    wrote = own.post("/v1/collections/c/items", json={"items": [item]})
+                    statuses.extend([wrote.status_code, own.post("/v1/search", json=query).status_code])
+                    if wrote.status_code == 200:
+                        acknowledged.add(item["id"])
+                    n += 1
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        time.sleep(1.0)
         lite.kill()
+        time.sleep(2.0)
         search = client.post("/v1/search", json=query)
         write = client.post("/v1/collections/c/items", json={"items": [{"id": "lost", "vector": _vector(rng)}]})
         for refused in (search, write):
@@ -160,8 +179,13 @@ def test_milvus_down_answers_503_then_recovers_without_a_restart(
         while client.get("/health/ready").status_code != 200:
             assert time.monotonic() < deadline, client.get("/health/ready").text
             time.sleep(0.5)
+        time.sleep(1.0)
+        stop.set()
+        loader.join(30)
+        assert set(statuses) <= {200, 503} and 503 in statuses and statuses[-1] == 200, sorted(set(statuses))
         assert client.post("/v1/search", json=query).json()["data"][0]["id"] == "a0"
-        assert _present(client, {i["id"] for i in kept} | {"lost"}) == {i["id"] for i in kept}
+        wanted = {i["id"] for i in kept} | acknowledged
+        assert _present(client, wanted | {"lost"}) == wanted, "every acknowledged write, and only those"
         client.close()
 
 

@@ -91,7 +91,8 @@ def test_a_wrong_key_shows_the_gateway_error(gateway: RunningGateway, browser: o
 
 
 def test_both_pages_and_their_assets_carry_the_security_headers(gateway: RunningGateway) -> None:
-    for path in ("/ui", "/ui/chat", "/ui/assets/ui.css", "/ui/assets/search.js", "/ui/assets/chat.js"):
+    assets = [f"/ui/assets/{name}" for name in ("ui.css", "common.js", "search.js", "chat.js")]
+    for path in ("/ui", "/ui/chat", *assets):
         response = httpx.get(f"{gateway.base_url}{path}")
         assert response.status_code == 200, path
         policy = response.headers["content-security-policy"]
