@@ -32,7 +32,7 @@ def _vector(rng: random.Random) -> list[float]:
 
 
 def _args(tmp_path: Path, uri: str, name: str = "milvus.yaml") -> list[str]:
-    search = {"backend": "milvus", "milvus_uri": uri, "milvus_timeout": 3, "snapshot_every": 50}
+    search = {"backend": "milvus", "milvus_uri": uri, "milvus_timeout": 10, "snapshot_every": 50}
     return ["--config", str(write_config(tmp_path / name, [], search=search))]
 
 
