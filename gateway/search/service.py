@@ -108,6 +108,9 @@ class SearchService:
         collection = await self.backend.lookup(name)
         if collection is None:
             raise NotFound(f"The collection '{name}' does not exist.", param="collection")
+        return self._servable(collection)
+
+    def _servable(self, collection: StoredCollection) -> StoredCollection:
         self._check_encoder(collection)
         if collection.state != "ready":
             raise ServiceUnavailable(collection.error or "The collection is not available.")
@@ -154,8 +157,7 @@ class SearchService:
         return await collection.count(namespace) if collection.state == "ready" else 0
 
     async def snapshot(self, name: str, actor: Identity) -> None:
-        await self._administered(name, actor)
-        await (await self._get(name)).snapshot()
+        await self._servable(await self._administered(name, actor)).snapshot()
 
     # -- items -----------------------------------------------------------------------------------------------
     async def _encoder(self) -> Any:
