@@ -247,6 +247,7 @@ class ScopedKey(BaseModel):
 # filterable (key, value) digests an ARRAY, and a search's limit Milvus' topk cap.
 MILVUS_MAX_DOCUMENT = 65_535
 MILVUS_MAX_TOP_K = 16_384
+MILVUS_MAX_DISPLAY = 40 * 1024  # as base64 in the item's dynamic JSON, which Milvus caps at 64 KiB
 
 
 class SearchSettings(BaseModel):
@@ -268,6 +269,11 @@ class SearchSettings(BaseModel):
     max_items_per_request: int = Field(1024, ge=1, le=100_000)
     max_metadata_bytes: int = Field(16 * 1024, ge=2, le=1024 * 1024)
     max_collections: int = Field(256, ge=1, le=100_000)
+    # Each image item keeps a display copy (JPEG, longer side <= display_size px, <= display_max_bytes) that chat
+    # grounding shows the model; it is stored with the item (FAISS: in memory, the WAL and snapshots; Milvus: a
+    # field). 0 keeps none (grounding then injects captions only).
+    display_size: int = Field(448, ge=0, le=4096)
+    display_max_bytes: int = Field(32 * 1024, ge=1024, le=1024 * 1024)
 
     @model_validator(mode="after")
     def _milvus_fits(self) -> SearchSettings:
@@ -279,6 +285,8 @@ class SearchSettings(BaseModel):
             raise ValueError(f"with search.backend milvus, max_metadata_bytes is at most {MILVUS_MAX_DOCUMENT}")
         if self.max_top_k > MILVUS_MAX_TOP_K:
             raise ValueError(f"with search.backend milvus, max_top_k is at most {MILVUS_MAX_TOP_K}")
+        if self.display_max_bytes > MILVUS_MAX_DISPLAY:
+            raise ValueError(f"with search.backend milvus, display_max_bytes is at most {MILVUS_MAX_DISPLAY}")
         return self
 
 

@@ -20,6 +20,16 @@ def png_bytes(width: int, height: int, colour: tuple[int, int, int] = (200, 30, 
     return out.getvalue()
 
 
+def noisy_jpeg(width: int, height: int, seed: int = 0) -> bytes:
+    """A photo-sized JPEG of noise: the worst case for a size-bounded re-encode."""
+    import numpy as np
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
 def bomb_png(width: int = 60_000, height: int = 60_000) -> bytes:
     """A ~100-byte PNG whose header declares width x height pixels."""
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import orjson
+from PIL import Image
 
 from gateway.chat.protocol import ImagePart
 from gateway.config import EmbeddingsSettings
@@ -124,19 +126,32 @@ class EmbeddingsService:
             raise InvalidRequest(f"At most {self.settings.max_inputs} inputs per request.", param="input")
         if request.dimensions is not None and request.dimensions > encoder.dim:
             raise InvalidRequest(f"dimensions must be at most {encoder.dim} for this model.", param="dimensions")
-        vectors, tokens = await self._encode(encoder, items, [f"input[{i}]" for i in range(len(items))])
+        vectors, tokens, _ = await self._encode(encoder, items, [f"input[{i}]" for i in range(len(items))])
         if request.dimensions is not None and request.dimensions < encoder.dim:
             vectors = vectors[:, : request.dimensions]
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return _response(vectors, request, encoder.model_id, tokens)
 
-    async def embed_items(self, encoder: Encoder, items: list[Any], params: list[str]) -> Vectors:
+    async def embed_items(
+        self,
+        encoder: Encoder,
+        items: list[Any],
+        params: list[str],
+        keep: Callable[[Image.Image], bytes | None] | None = None,
+    ) -> tuple[Vectors, list[bytes | None]]:
         """Vectors for texts / image parts on behalf of another service (search), same rules and batching;
-        `params[i]` names item i in that service's request, for errors."""
-        vectors, _ = await self._encode(encoder, items, params)
-        return vectors
+        `params[i]` names item i in that service's request, for errors. `keep`, if given, also makes something of
+        each decoded image (its display copy) in the same decode, returned per item (None for texts)."""
+        vectors, _, kept = await self._encode(encoder, items, params, keep)
+        return vectors, kept
 
-    async def _encode(self, encoder: Encoder, items: list[Any], params: list[str]) -> tuple[Vectors, int]:
+    async def _encode(
+        self,
+        encoder: Encoder,
+        items: list[Any],
+        params: list[str],
+        keep: Callable[[Image.Image], bytes | None] | None = None,
+    ) -> tuple[Vectors, int, list[bytes | None]]:
         texts: list[tuple[int, str]] = []
         token_ids: list[tuple[int, list[int]]] = []
         images: list[tuple[int, str]] = []
@@ -165,9 +180,15 @@ class EmbeddingsService:
             text_rows += await loop.run_in_executor(self._prep, encoder.tokenize, chunk)
         text_rows += [encoder.tokens_from_ids(ids) for _, ids in token_ids]
         text_positions = [i for i, _ in texts] + [i for i, _ in token_ids]
-        pixel_rows = await self._media.load_images(
-            [(url, f"{params[i]}.image_url") for i, url in images], encoder.preprocess
-        )
+        urls = [(url, f"{params[i]}.image_url") for i, url in images]
+        kept: list[bytes | None] = [None] * len(items)
+        if keep is None:
+            pixel_rows = await self._media.load_images(urls, encoder.preprocess)
+        else:
+            both = await self._media.load_images(urls, lambda image: (encoder.preprocess(image), keep(image)))
+            pixel_rows = [pixels for pixels, _ in both]
+            for (i, _), (_, made) in zip(images, both, strict=True):
+                kept[i] = made
         vectors = np.zeros((len(items), encoder.dim), np.float32)
         jobs = []
         if text_rows:
@@ -178,7 +199,7 @@ class EmbeddingsService:
         for (positions, _), rows in zip(jobs, results, strict=True):
             vectors[positions] = rows
         tokens = sum(int((row != 0).sum()) for row in text_rows) + encoder.image_tokens * len(images)
-        return vectors, tokens
+        return vectors, tokens, kept
 
 
 def _response(vectors: Vectors, request: EmbeddingRequest, model: str, tokens: int) -> bytes:

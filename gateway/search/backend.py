@@ -30,7 +30,13 @@ class StoredCollection(Protocol):
     async def get(self, namespace: str, item_id: str) -> Hit | None: ...
 
     async def search(
-        self, namespace: str, query: np.ndarray, top_k: int, conditions: list[Condition], with_vectors: bool
+        self,
+        namespace: str,
+        query: np.ndarray,
+        top_k: int,
+        conditions: list[Condition],
+        with_vectors: bool,
+        with_displays: bool = False,
     ) -> list[Hit]: ...
 
     async def count(self, namespace: str | None = None) -> int: ...

@@ -107,10 +107,10 @@ class Collection:
         """Snapshot, then the WAL on top. Runs in the writer thread at start-up."""
         try:
             snapshot = self.store.read_snapshot()
-            for namespace, (ids, metadata, vectors) in snapshot.shards.items():
+            for namespace, items in snapshot.shards.items():
                 shard = self._shard(namespace)
-                for item_id, meta, vector in zip(ids, metadata, vectors, strict=True):
-                    shard.upsert(item_id, vector, meta)
+                for item_id, meta, vector, display in zip(*items, strict=True):
+                    shard.upsert(item_id, vector, meta, display)
             self.seq = snapshot.seq
             replayed = 0
             for record in self.store.replay():
@@ -144,7 +144,7 @@ class Collection:
     def _apply(self, record: Record) -> None:
         if record.op == "upsert":
             assert record.vector is not None
-            self._shard(record.namespace).upsert(record.item_id, record.vector, record.metadata or {})
+            self._shard(record.namespace).upsert(record.item_id, record.vector, record.metadata or {}, record.display)
         else:
             shard = self.shards.get(record.namespace)
             if shard is not None:
@@ -193,7 +193,13 @@ class Collection:
         return shard.get(item_id) if shard is not None else None
 
     async def search(
-        self, namespace: str, query: np.ndarray, top_k: int, conditions: list[Condition], with_vectors: bool
+        self,
+        namespace: str,
+        query: np.ndarray,
+        top_k: int,
+        conditions: list[Condition],
+        with_vectors: bool,
+        with_displays: bool = False,
     ) -> list[Hit]:
         shard = self.shards.get(namespace)
         if shard is None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from gateway.search.config import IndexSpec
 from gateway.search.filters import Filter
+from gateway.search.store import ShardItems
 
 
 @dataclass(slots=True)
@@ -25,6 +26,7 @@ class Hit:
     score: float
     metadata: dict[str, Any]
     vector: np.ndarray | None  # None when a search did not ask for vectors
+    display: bytes | None = None  # the image item's display copy, when one is stored
 
 
 class Shard:
@@ -36,6 +38,8 @@ class Shard:
         self._alive = np.zeros(64, bool)
         self._ids: list[str] = []
         self._metadata: list[dict[str, Any]] = []
+        self._displays: list[bytes | None] = []  # display copies of image items (bounded per item in bytes)
+        self.display_bytes = 0  # of live rows' display copies
         self._rows: dict[str, int] = {}
         self._dead = 0  # retired rows, counted as they retire (summing the mask per query costs ~0.5 ms at 1M)
         self._ann: Any = None
@@ -46,12 +50,11 @@ class Shard:
         return len(self._rows)
 
     # -- writes (the collection's single writer calls these) -----------------------------------------------
-    def upsert(self, item_id: str, vector: np.ndarray, metadata: dict[str, Any]) -> None:
+    def upsert(self, item_id: str, vector: np.ndarray, metadata: dict[str, Any], display: bytes | None = None) -> None:
         with self._lock:
             old = self._rows.get(item_id)
             if old is not None:
-                self._alive[old] = False
-                self._dead += 1
+                self._retire(old)
             row = len(self._ids)
             if row == len(self._alive):
                 self._vectors = np.concatenate([self._vectors, np.zeros_like(self._vectors)])
@@ -60,6 +63,8 @@ class Shard:
             self._alive[row] = True
             self._ids.append(item_id)
             self._metadata.append(metadata)
+            self._displays.append(display)
+            self.display_bytes += len(display or b"")
             self._rows[item_id] = row
         self._maybe_rebuild()
 
@@ -68,9 +73,15 @@ class Shard:
             row = self._rows.pop(item_id, None)
             if row is None:
                 return False
-            self._alive[row] = False
-            self._dead += 1
+            self._retire(row)
             return True
+
+    def _retire(self, row: int) -> None:
+        """A retired row keeps its vector slot (rows are never rewritten) but not its display copy."""
+        self._alive[row] = False
+        self._dead += 1
+        self.display_bytes -= len(self._displays[row] or b"")
+        self._displays[row] = None
 
     # -- reads ---------------------------------------------------------------------------------------------
     def get(self, item_id: str) -> Hit | None:
@@ -78,13 +89,18 @@ class Shard:
             row = self._rows.get(item_id)
             if row is None:
                 return None
-            return Hit(item_id, 1.0, self._metadata[row], self._vectors[row].copy())
+            return Hit(item_id, 1.0, self._metadata[row], self._vectors[row].copy(), self._displays[row])
 
-    def items(self) -> tuple[list[str], list[dict[str, Any]], np.ndarray]:
+    def items(self) -> ShardItems:
         """Live items in row order (what a snapshot stores)."""
         with self._lock:
             rows = sorted(self._rows.values())
-            return [self._ids[r] for r in rows], [self._metadata[r] for r in rows], self._vectors[rows].copy()
+            return ShardItems(
+                [self._ids[r] for r in rows],
+                [self._metadata[r] for r in rows],
+                self._vectors[rows].copy(),
+                [self._displays[r] for r in rows],
+            )
 
     def search(self, query: np.ndarray, top_k: int, where: Filter | None) -> list[Hit]:
         """Scores rows [0, count) as of the call. Only references and the liveness mask are taken under the lock:
@@ -94,7 +110,7 @@ class Shard:
             count = len(self._ids)
             if count == 0 or not self._rows:
                 return []
-            view = _View(self._vectors, self._alive[:count].copy(), self._ids, self._metadata, count)
+            view = _View(self._vectors, self._alive[:count].copy(), self._ids, self._metadata, self._displays, count)
             ann, ann_rows, dead = self._ann, self._ann_rows, self._dead
         mask = view.alive
         if where is not None:
@@ -105,7 +121,7 @@ class Shard:
         else:
             rows, scores = _exact(view.vectors, query, top_k, mask, 0, count)
         return [
-            Hit(view.ids[r], float(s), view.metadata[r], view.vectors[r].copy())
+            Hit(view.ids[r], float(s), view.metadata[r], view.vectors[r].copy(), view.displays[r])
             for r, s in zip(rows, scores, strict=True)
         ]
 
@@ -140,6 +156,7 @@ class _View:
     alive: np.ndarray
     ids: list[str]
     metadata: list[dict[str, Any]]
+    displays: list[bytes | None]
     count: int
 
 

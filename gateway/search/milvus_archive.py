@@ -20,8 +20,8 @@ from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.search.archive import export_collection, restore_collection
 from gateway.search.collection import META_NAME, Collection, CollectionMeta
-from gateway.search.milvus_backend import MilvusBackend, MilvusCollection
-from gateway.search.store import CollectionStore, Record, Snapshot
+from gateway.search.milvus_backend import MilvusBackend, MilvusCollection, display_of
+from gateway.search.store import CollectionStore, Record, ShardItems, Snapshot
 
 BATCH = 1000
 
@@ -49,13 +49,14 @@ async def _export(settings: SearchSettings, name: str, archive: Path) -> int:
         collection = await backend.lookup(name)
         if not isinstance(collection, MilvusCollection) or collection.state != "ready":
             raise FileNotFoundError(f"no collection '{name}' in Milvus at {settings.milvus_uri}")
-        shards: dict[str, tuple[list[str], list[dict[str, Any]], list[np.ndarray]]] = {}
+        shards: dict[str, tuple[list[str], list[dict[str, Any]], list[np.ndarray], list[bytes | None]]] = {}
         async for rows in collection.rows(BATCH):
             for row in rows:
-                ids, metadata, vectors = shards.setdefault(row["namespace"], ([], [], []))
+                ids, metadata, vectors, displays = shards.setdefault(row["namespace"], ([], [], [], []))
                 ids.append(row["item_id"])
                 metadata.append(orjson.loads(row["doc"]))
                 vectors.append(np.asarray(row["vector"], np.float32))
+                displays.append(display_of(row))
         meta = collection.meta
     except GatewayError as exc:
         raise OSError(exc.message) from None
@@ -66,8 +67,8 @@ async def _export(settings: SearchSettings, name: str, archive: Path) -> int:
         directory.mkdir()
         (directory / META_NAME).write_bytes(meta.dump())
         snapshot = Snapshot(
-            seq=sum(len(ids) for ids, _, _ in shards.values()),
-            shards={ns: (ids, md, np.stack(vs)) for ns, (ids, md, vs) in shards.items()},
+            seq=sum(len(ids) for ids, *_ in shards.values()),
+            shards={ns: ShardItems(ids, md, np.stack(vs), ds) for ns, (ids, md, vs, ds) in shards.items()},
         )
         CollectionStore(directory).write_snapshot(snapshot)
         CollectionStore(directory).close()
@@ -91,16 +92,11 @@ async def _restore(settings: SearchSettings, archive: Path) -> tuple[str, int]:
             target = await backend.create(meta)
             restored = 0
             for namespace, shard in loaded.shards.items():
-                ids, metadata, vectors = shard.items()
-                for start in range(0, len(ids), BATCH):
+                items = shard.items()
+                for start in range(0, len(items.ids), BATCH):
                     records = [
-                        Record(0, "upsert", namespace, item_id, md, vector)
-                        for item_id, md, vector in zip(
-                            ids[start : start + BATCH],
-                            metadata[start : start + BATCH],
-                            vectors[start : start + BATCH],
-                            strict=True,
-                        )
+                        Record(0, "upsert", namespace, *item)
+                        for item in zip(*(column[start : start + BATCH] for column in items), strict=True)
                     ]
                     await target.write(records)
                     restored += len(records)

@@ -15,6 +15,7 @@ exceptions become the gateway's errors.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import hashlib
@@ -44,6 +45,10 @@ META_PROPERTY = "gateway.meta"
 # Filterable keys per item: each is a dynamic field of ~55 bytes, and Milvus caps an item's dynamic JSON at 64 KiB.
 MAX_KEYS = 1024
 ITEM_FIELDS = ["item_id", "doc"]
+# An image item's display copy: a dynamic field of base64 text (Milvus has no bytes scalar), so collections
+# created before display copies existed hold them too, with no schema change.
+DISPLAY_FIELD = "display"
+MAX_DYNAMIC_BYTES = 65_536
 COLLECTION_NOT_FOUND = 100  # pymilvus' error codes; any other code is Milvus refusing one request
 COLLECTION_NOT_LOADED = 101
 CONNECTION_FAILED = 2
@@ -60,6 +65,11 @@ class CollectionReleased(Exception):
 def milvus_name(prefix: str, name: str) -> str:
     """Milvus names allow [A-Za-z0-9_] only; the API's allow dots and dashes, so the name travels as hex."""
     return prefix + name.encode().hex()
+
+
+def display_of(row: dict[str, Any]) -> bytes | None:
+    encoded = row.get(DISPLAY_FIELD)
+    return base64.b64decode(encoded) if isinstance(encoded, str) and encoded else None
 
 
 def primary_key(namespace: str, item_id: str) -> str:
@@ -381,17 +391,24 @@ class MilvusCollection:
                     f"With the milvus backend an item holds at most {MAX_KEYS} metadata keys.",
                     param=f"items[{index}].metadata",
                 )
-            rows.append(
-                {
-                    **fields,
-                    "pk": primary_key(record.namespace, record.item_id),
-                    "ns": namespace_token(record.namespace),
-                    "namespace": record.namespace,
-                    "item_id": record.item_id,
-                    "vector": record.vector,
-                    "doc": orjson.dumps(metadata).decode(),
-                }
-            )
+            display = base64.b64encode(record.display).decode() if record.display else ""
+            row: dict[str, Any] = {
+                **fields,
+                "pk": primary_key(record.namespace, record.item_id),
+                "ns": namespace_token(record.namespace),
+                "namespace": record.namespace,
+                "item_id": record.item_id,
+                "vector": record.vector,
+                "doc": orjson.dumps(metadata).decode(),
+                DISPLAY_FIELD: display,
+            }
+            if len(orjson.dumps(fields)) + len(display) > MAX_DYNAMIC_BYTES - 1024:
+                raise InvalidRequest(
+                    "With the milvus backend an image item's metadata keys and display copy must fit in 63 KiB; "
+                    "use fewer metadata keys.",
+                    param=f"items[{index}].metadata",
+                )
+            rows.append(row)
         async with self._writing:
             if rows:
                 await self._overwrite_dropped_keys(rows)
@@ -419,26 +436,34 @@ class MilvusCollection:
         rows = await self._call(
             "get",
             ids=[primary_key(namespace, item_id)],
-            output_fields=[*ITEM_FIELDS, "vector"],
+            output_fields=[*ITEM_FIELDS, "vector", DISPLAY_FIELD],
             consistency_level=self.backend.settings.milvus_consistency,
         )
         if not rows:
             return None
         row = rows[0]
-        return Hit(row["item_id"], 1.0, orjson.loads(row["doc"]), np.asarray(row["vector"], np.float32))
+        vector = np.asarray(row["vector"], np.float32)
+        return Hit(row["item_id"], 1.0, orjson.loads(row["doc"]), vector, display_of(row))
 
     async def search(
-        self, namespace: str, query: np.ndarray, top_k: int, conditions: list[Condition], with_vectors: bool
+        self,
+        namespace: str,
+        query: np.ndarray,
+        top_k: int,
+        conditions: list[Condition],
+        with_vectors: bool,
+        with_displays: bool = False,
     ) -> list[Hit]:
         expression = milvus_expression(conditions, namespace)
         if expression is None:
             return []
+        fields = [*ITEM_FIELDS, *(["vector"] if with_vectors else []), *([DISPLAY_FIELD] if with_displays else [])]
         results = await self._call(
             "search",
             data=[query],
             limit=top_k,
             filter=expression,
-            output_fields=[*ITEM_FIELDS, "vector"] if with_vectors else ITEM_FIELDS,
+            output_fields=fields,
             search_params={"metric_type": "IP", "params": search_params(self.meta.index, top_k)},
             consistency_level=self.backend.settings.milvus_consistency,
         )
@@ -446,7 +471,8 @@ class MilvusCollection:
         for found in results[0] if results else []:
             entity = found["entity"]
             vector = np.asarray(entity["vector"], np.float32) if with_vectors else None
-            hits.append(Hit(entity["item_id"], float(found["distance"]), orjson.loads(entity["doc"]), vector))
+            metadata = orjson.loads(entity["doc"])
+            hits.append(Hit(entity["item_id"], float(found["distance"]), metadata, vector, display_of(entity)))
         return hits
 
     async def count(self, namespace: str | None = None) -> int:
@@ -483,7 +509,7 @@ class MilvusCollection:
             "query_iterator",
             batch_size=batch,
             filter="",
-            output_fields=["namespace", *ITEM_FIELDS, "vector"],
+            output_fields=["namespace", *ITEM_FIELDS, "vector", DISPLAY_FIELD],
         )
         try:
             while rows := await self.backend._run(iterator.next):

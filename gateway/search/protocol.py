@@ -77,6 +77,7 @@ class SearchRequest(BaseModel):
         | None
     ) = Field(None, max_length=32)
     include_vectors: bool = False
+    include_images: bool = False  # each image hit's display copy as `image_url` (a JPEG data URL)
 
     @model_validator(mode="after")
     def _bounded_filter(self) -> SearchRequest:

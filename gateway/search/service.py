@@ -23,6 +23,7 @@ from gateway.errors import Conflict, IndexUnavailable, InvalidRequest, NotFound,
 from gateway.metrics import GatewayMetrics
 from gateway.search.backend import IndexBackend, StoredCollection
 from gateway.search.collection import CollectionMeta
+from gateway.search.display import data_url, display_copy
 from gateway.search.faiss_backend import FaissBackend
 from gateway.search.filters import parse_filter
 from gateway.search.protocol import Content, CreateCollection, Item, SearchRequest
@@ -167,9 +168,13 @@ class SearchService:
             raise ServiceUnavailable("The embedding model is not available.", headers={"Retry-After": "5"})
         return self.embeddings.encoder
 
-    async def _vectors(self, collection: StoredCollection, contents: list[Content], params: list[str]) -> np.ndarray:
-        """L2-normalised vectors for contents, embedding texts and images in one batch each."""
+    async def _vectors(
+        self, collection: StoredCollection, contents: list[Content], params: list[str], displays: bool = False
+    ) -> tuple[np.ndarray, list[bytes | None]]:
+        """L2-normalised vectors for contents, embedding texts and images in one batch each; with `displays`,
+        each embedded image's display copy too (None for the rest)."""
         out = np.zeros((len(contents), collection.meta.dim), np.float32)
+        kept: list[bytes | None] = [None] * len(contents)
         to_embed: list[tuple[int, Any]] = []
         for i, content in enumerate(contents):
             if content.vector is not None:
@@ -191,16 +196,20 @@ class SearchService:
                 )
         if to_embed:
             encoder = await self._encoder()
-            vectors = await self.embeddings.embed_items(
-                encoder, [item for _, item in to_embed], [params[i] for i, _ in to_embed]
+            size, limit = self.settings.display_size, self.settings.display_max_bytes
+            keep = (lambda image: display_copy(image, size, limit)) if displays and size else None
+            vectors, made = await self.embeddings.embed_items(
+                encoder, [item for _, item in to_embed], [params[i] for i, _ in to_embed], keep
             )
             out[[i for i, _ in to_embed]] = vectors
+            for (i, _), display in zip(to_embed, made, strict=True):
+                kept[i] = display
         norms = np.linalg.norm(out, axis=1)
         zero = np.flatnonzero(norms < 1e-12)
         if len(zero):
             raise InvalidRequest("A zero vector cannot be indexed or searched.", param=params[int(zero[0])])
         normalised: np.ndarray = out / norms[:, None]
-        return normalised
+        return normalised, kept
 
     async def upsert(self, name: str, namespace: str, items: list[Item]) -> int:
         collection = await self._get(name)
@@ -220,10 +229,11 @@ class SearchService:
                 raise InvalidRequest(
                     f"Metadata is limited to {self.settings.max_metadata_bytes} bytes.", param=f"items[{i}].metadata"
                 )
-        vectors = await self._vectors(collection, list(items), [f"items[{i}]" for i in range(len(items))])
+        params = [f"items[{i}]" for i in range(len(items))]
+        vectors, displays = await self._vectors(collection, list(items), params, displays=True)
         records = [
-            Record(0, "upsert", namespace, item.id, item.metadata, vector)
-            for item, vector in zip(items, vectors, strict=True)
+            Record(0, "upsert", namespace, item.id, item.metadata, vector, display)
+            for item, vector, display in zip(items, vectors, displays, strict=True)
         ]
         await self._write(collection, records)
         return len(records)
@@ -274,14 +284,17 @@ class SearchService:
         if hit is None:
             raise NotFound(f"No item '{item_id}' in collection '{name}'.", param="id")
         vector = hit.vector.tolist() if hit.vector is not None else []
-        return {"object": "item", "id": hit.item_id, "metadata": hit.metadata, "vector": vector}
+        item = {"object": "item", "id": hit.item_id, "metadata": hit.metadata, "vector": vector}
+        if hit.display is not None:
+            item["image_url"] = data_url(hit.display)
+        return item
 
     async def search(self, request: SearchRequest, namespace: str) -> dict[str, Any]:
         collection = await self._get(request.collection)
         if request.top_k > self.settings.max_top_k:
             raise InvalidRequest(f"top_k must be at most {self.settings.max_top_k}.", param="top_k")
         conditions = parse_filter(request.filter)
-        query = (await self._vectors(collection, [request.query], ["query"]))[0]
+        query = (await self._vectors(collection, [request.query], ["query"]))[0][0]
         started = time.perf_counter()
         attributes = {
             "gateway.search.top_k": request.top_k,
@@ -289,7 +302,9 @@ class SearchService:
             "gateway.search.backend": self.backend.name,
         }
         with self.tracing.span("gateway.search", attributes=attributes):
-            hits = await collection.search(namespace, query, request.top_k, conditions, request.include_vectors)
+            hits = await collection.search(
+                namespace, query, request.top_k, conditions, request.include_vectors, request.include_images
+            )
         self.metrics.search_seconds.labels(collection.meta.name).observe(time.perf_counter() - started)
         data = []
         for hit in hits:
@@ -301,5 +316,7 @@ class SearchService:
             }
             if request.include_vectors and hit.vector is not None:
                 row["vector"] = hit.vector.tolist()
+            if request.include_images and hit.display is not None:
+                row["image_url"] = data_url(hit.display)
             data.append(row)
         return {"object": "list", "data": data, "collection": collection.meta.name, "model": collection.meta.encoder}

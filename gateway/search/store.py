@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -40,20 +40,26 @@ class Record:
     item_id: str
     metadata: dict[str, Any] | None = None
     vector: np.ndarray | None = None
+    display: bytes | None = None  # an image item's display copy (JPEG), see gateway/search/display.py
 
     def encode(self) -> bytes:
-        head = orjson.dumps(
-            {"seq": self.seq, "op": self.op, "ns": self.namespace, "id": self.item_id, "metadata": self.metadata}
-        )
-        payload = head + b"\n" + (self.vector.astype("<f4").tobytes() if self.vector is not None else b"")
+        fields = {"seq": self.seq, "op": self.op, "ns": self.namespace, "id": self.item_id, "metadata": self.metadata}
+        if self.display:
+            fields["display"] = len(self.display)  # its bytes follow the vector's
+        head = orjson.dumps(fields)
+        vector = self.vector.astype("<f4").tobytes() if self.vector is not None else b""
+        payload = head + b"\n" + vector + (self.display or b"")
         return RECORD_HEADER.pack(RECORD_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
     @classmethod
     def decode(cls, payload: bytes) -> Record:
         head, _, raw = payload.partition(b"\n")
         fields = orjson.loads(head)
+        display = None
+        if size := fields.get("display"):  # absent in records written before display copies existed
+            raw, display = raw[:-size], raw[-size:]
         vector = np.frombuffer(raw, dtype="<f4").astype(np.float32) if raw else None
-        return cls(fields["seq"], fields["op"], fields["ns"], fields["id"], fields["metadata"], vector)
+        return cls(fields["seq"], fields["op"], fields["ns"], fields["id"], fields["metadata"], vector, display)
 
 
 def fsync_dir(path: Path) -> None:
@@ -64,11 +70,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class ShardItems(NamedTuple):
+    """One namespace's live items in row order: what a snapshot stores."""
+
+    ids: list[str]
+    metadata: list[dict[str, Any]]
+    vectors: np.ndarray  # [n, dim]
+    displays: list[bytes | None]
+
+
 @dataclass
 class Snapshot:
     seq: int = 0
-    # namespace -> (ids, metadata list, vectors [n, dim])
-    shards: dict[str, tuple[list[str], list[dict[str, Any]], np.ndarray]] = field(default_factory=dict)
+    # namespace -> its live items
+    shards: dict[str, ShardItems] = field(default_factory=dict)
 
 
 class CollectionStore:
@@ -138,17 +153,22 @@ class CollectionStore:
         layout: dict[str, Any] = {"seq": snapshot.seq, "shards": {}}
         blobs: list[bytes] = []
         offset = 0
-        for namespace, (ids, metadata, vectors) in snapshot.shards.items():
-            blob = np.ascontiguousarray(vectors, dtype="<f4").tobytes()
-            layout["shards"][namespace] = {
-                "ids": ids,
-                "metadata": metadata,
+        for namespace, items in snapshot.shards.items():
+            blob = np.ascontiguousarray(items.vectors, dtype="<f4").tobytes()
+            shard: dict[str, Any] = {
+                "ids": items.ids,
+                "metadata": items.metadata,
                 "offset": offset,
-                "rows": len(ids),
-                "dim": int(vectors.shape[1]) if len(ids) else 0,
+                "rows": len(items.ids),
+                "dim": int(items.vectors.shape[1]) if len(items.ids) else 0,
             }
             blobs.append(blob)
             offset += len(blob)
+            if any(items.displays):  # their bytes follow the vectors; each row's length, 0 for none
+                shard["displays"] = [len(d or b"") for d in items.displays]
+                blobs.extend(d for d in items.displays if d)
+                offset += sum(shard["displays"])
+            layout["shards"][namespace] = shard
         head = orjson.dumps(layout)
         body = SNAPSHOT_HEADER.pack(SNAPSHOT_MAGIC, len(head)) + head + b"".join(blobs)
         temporary = self.directory / (SNAPSHOT_NAME + ".tmp")
@@ -182,8 +202,15 @@ class CollectionStore:
         snapshot = Snapshot(seq=layout["seq"])
         for namespace, shard in layout["shards"].items():
             rows, dim, start = shard["rows"], shard["dim"], shard["offset"]
-            vectors = np.frombuffer(blobs[start : start + rows * dim * 4], dtype="<f4").reshape(rows, dim)
-            snapshot.shards[namespace] = (shard["ids"], shard["metadata"], vectors.astype(np.float32))
+            end = start + rows * dim * 4
+            vectors = np.frombuffer(blobs[start:end], dtype="<f4").reshape(rows, dim)
+            displays: list[bytes | None] = []
+            for size in shard.get("displays") or [0] * rows:  # none in snapshots older than display copies
+                displays.append(bytes(blobs[end : end + size]) if size else None)
+                end += size
+            snapshot.shards[namespace] = ShardItems(
+                shard["ids"], shard["metadata"], vectors.astype(np.float32), displays
+            )
         return snapshot
 
 

@@ -381,3 +381,46 @@ def test_a_re_upsert_replaces_the_item_whole(gateway: RunningGateway) -> None:
     no_colour = writer.post("/v1/search", json={**query, "filter": {"colour": None, "size": 4}}).json()["data"]
     assert [h["id"] for h in no_colour] == ["swap"]
     assert writer.get("/v1/collections/media/items/swap").json()["metadata"] == {"size": 4}
+
+
+def test_image_items_keep_a_bounded_display_copy(gateway: RunningGateway) -> None:
+    """Each image item stores a JPEG display copy (longer side <= 448 px, <= 32 KiB): returned by GET and, when
+    asked, by search; text and vector items have none."""
+    import io
+
+    from PIL import Image
+
+    from tests.media_server import noisy_jpeg
+
+    writer = _client(gateway, WRITER_A)
+    large = "data:image/jpeg;base64," + base64.b64encode(noisy_jpeg(1600, 900)).decode()
+    items = [
+        {"id": "display/photo", "image_url": large, "metadata": {"set": "display"}},
+        {"id": "display/small", "image_url": _image((10, 200, 30)), "metadata": {"set": "display"}},
+        {"id": "display/text", "text": "a caption only", "metadata": {"set": "display"}},
+    ]
+    assert writer.post("/v1/collections/media/items", json={"items": items}).status_code == 200
+    photo = writer.get("/v1/collections/media/items/display/photo").json()
+    header, _, encoded = photo["image_url"].partition(",")
+    assert header == "data:image/jpeg;base64"
+    data = base64.b64decode(encoded)
+    shown = Image.open(io.BytesIO(data))
+    assert shown.format == "JPEG" and max(shown.size) <= 448 and len(data) <= 32 * 1024
+    assert shown.size[0] > shown.size[1], "the aspect ratio is kept"
+    small = Image.open(
+        io.BytesIO(
+            base64.b64decode(
+                writer.get("/v1/collections/media/items/display/small").json()["image_url"].partition(",")[2]
+            )
+        )
+    )
+    assert small.size == (80, 60), "an image already within the size is not enlarged"
+    assert "image_url" not in writer.get("/v1/collections/media/items/display/text").json()
+    query = {"collection": "media", "query": {"text": "photo"}, "top_k": 3, "filter": {"set": "display"}}
+    plain = writer.post("/v1/search", json=query).json()["data"]
+    assert len(plain) == 3 and all("image_url" not in hit for hit in plain)
+    shown_hits = writer.post("/v1/search", json={**query, "include_images": True}).json()["data"]
+    with_images = {hit["id"] for hit in shown_hits if "image_url" in hit}
+    assert with_images == {"display/photo", "display/small"}
+    other = _client(gateway, WRITER_B).post("/v1/search", json={**query, "include_images": True}).json()["data"]
+    assert other == [], "another namespace's display copies are never returned"
