@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -57,6 +57,11 @@ def parse_request(body: bytes, model_cls: type[R]) -> tuple[dict[str, Any], R]:
         raise InvalidRequest("The request body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    return revalidate(data, model_cls)
+
+
+def revalidate(data: dict[str, Any], model_cls: type[R]) -> tuple[dict[str, Any], R]:
+    """The model of a JSON object (parsed, or rewritten by the gateway itself, as grounding does)."""
     try:
         return data, model_cls.model_validate(data)  # type: ignore[attr-defined]
     except ValidationError as exc:
@@ -114,6 +119,15 @@ def check_against_pool(request: Request, pool: ModelPool, media: list[ChatMedia]
 @functools.lru_cache(maxsize=64)
 def _reserved_pattern(tokens: tuple[str, ...]) -> re.Pattern[str] | None:
     return re.compile("|".join(re.escape(t) for t in tokens)) if tokens else None
+
+
+def reserved_tokens_defused(pool: ModelPool) -> Callable[[str], str]:
+    """For text the gateway itself puts in a prompt (stored captions): the pool's reserved tokens lose their
+    angle brackets and bars, so they read as words, not as roles or media placeholders."""
+    pattern = _reserved_pattern(tuple(pool.reserved_tokens))
+    if pattern is None:
+        return lambda text: text
+    return lambda text: pattern.sub(lambda found: found.group().strip("<|>"), text)
 
 
 def _check_reserved_tokens(request: Request, pool: ModelPool) -> None:

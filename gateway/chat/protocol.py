@@ -8,6 +8,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, model_validator
 
 from gateway.chat.sampling import MAX_STRING_CHARS, MAX_TOKENS_CEILING, SamplingParams, ShortStr
+from gateway.search.protocol import MAX_FILTER_VALUES, Filter, Name, filter_size
 
 MAX_MESSAGES = 4096
 MAX_PARTS = 512
@@ -140,6 +141,24 @@ class ResponseFormat(Strict):
     json_schema: Schema = None
 
 
+MAX_RETRIEVAL_TOP_K = 16
+
+
+class Retrieval(Strict):
+    """Ground the answer in the caller's collection (gateway/chat/retrieval.py); never forwarded."""
+
+    collection: Name
+    top_k: int = Field(4, ge=1, le=MAX_RETRIEVAL_TOP_K)
+    kind: Annotated[str, StringConstraints(max_length=128)] | None = None  # shorthand for filter {"kind": kind}
+    filter: Filter | None = Field(None, max_length=32)
+
+    @model_validator(mode="after")
+    def _bounded_filter(self) -> Retrieval:
+        if filter_size(self.filter) > MAX_FILTER_VALUES:
+            raise ValueError(f"a filter may hold at most {MAX_FILTER_VALUES} values in all")
+        return self
+
+
 class ChatCompletionRequest(SamplingParams):
     PROMPT_FIELD: ClassVar[str] = "messages"
     TOKENS_FIELD: ClassVar[str] = "max_tokens"
@@ -154,6 +173,7 @@ class ChatCompletionRequest(SamplingParams):
     response_format: ResponseFormat | None = None
     metadata: dict[ShortStr, ShortStr] | None = Field(None, max_length=16)
     store: bool | None = None
+    retrieval: Retrieval | None = None
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

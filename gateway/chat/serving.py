@@ -19,8 +19,18 @@ import orjson
 from opentelemetry.trace import get_current_span
 
 from gateway.asgi import Message, Receive, Send, read_body, send_error, with_headers
-from gateway.chat.checks import ChatMedia, Request, check_against_pool, media_parts, parse_request, replace_media
+from gateway.chat.checks import (
+    ChatMedia,
+    Request,
+    check_against_pool,
+    media_parts,
+    parse_request,
+    replace_media,
+    reserved_tokens_defused,
+    revalidate,
+)
 from gateway.chat.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.chat.retrieval import LocalRetriever, RemoteRetriever, Retriever, ground
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, ServiceUnavailable
 from gateway.media.images import PreparedMedia
 from gateway.metrics import UNKNOWN_MODEL
@@ -109,6 +119,12 @@ class CompletionsEndpoint:
             if replicas is None:
                 raise ModelNotFound(f"The model '{request.model}' does not exist.", param="model")
             model_label = request.model
+            grounding = None
+            if getattr(request, "retrieval", None) is not None:
+                grounding = await ground(
+                    data, request, replicas.pool, retriever(gateway), scope, reserved_tokens_defused(replicas.pool)
+                )
+                data, request = await asyncio.to_thread(revalidate, data, model_cls)
             media = self.dialect.media(request)
             if large:
                 await asyncio.to_thread(check_against_pool, request, replicas.pool, media)
@@ -145,12 +161,12 @@ class CompletionsEndpoint:
                 if request.prompt_cache_key is not None and not pool.forward_prompt_cache_key:
                     del data["prompt_cache_key"]  # used for routing here; vLLM sees it only if the pool says so
                     body = reserialise(data)
-                elif media:
+                elif media or grounding is not None:
                     body = reserialise(data)
                 budget_headers = await gateway.limiter.charge_tokens(
                     state["identity"].key_id, estimated_tokens(request, visual_tokens)
                 )
-                send = with_headers(send, budget_headers)
+                send = with_headers(send, budget_headers + (grounding.headers() if grounding else []))
                 make = placement.body_for
                 payload = body if make is None else lambda replica, sent=body: make(sent, replica)
                 opened = await gateway.upstream.open(replicas, self.route, payload, state["request_id"], key, only=only)
@@ -165,6 +181,7 @@ class CompletionsEndpoint:
                         started=started,
                         metrics=metrics,
                         stream_error=self.dialect.stream_error,
+                        final_chunk=grounding.final_chunk if grounding is not None and request.stream else None,
                     )
                     opened.lease.settle(outcome.verdict)
                 finally:
@@ -208,6 +225,14 @@ def _request_attributes(route: str, request: Request) -> dict[str, str | int | f
     if (wanted := request.requested_tokens()) is not None:
         attributes["gen_ai.request.max_tokens"] = wanted
     return attributes
+
+
+def retriever(gateway: GatewayState) -> Retriever:
+    """Where a grounded chat searches: this process's index, or in role proxy the retrieval service."""
+    settings = gateway.settings
+    if settings.role == "proxy" and settings.retrieval_url:
+        return RemoteRetriever(settings.retrieval_url, gateway.upstream.session)
+    return LocalRetriever(gateway.search)
 
 
 def _eligible(

@@ -23,6 +23,21 @@ MAX_IN_VALUES = 1024
 MAX_FILTER_VALUES = 4096
 
 
+# Equality on a metadata key, or {"in": [...]} for membership; all conditions must hold.
+Filter = dict[
+    Annotated[str, StringConstraints(max_length=128)],
+    Scalar
+    | dict[
+        Annotated[str, StringConstraints(max_length=8)],
+        Annotated[list[Scalar], Field(max_length=MAX_IN_VALUES)],
+    ],
+]
+
+
+def filter_size(conditions: Filter | None) -> int:
+    return sum(len(v.get("in", ())) if isinstance(v, dict) else 1 for v in (conditions or {}).values())
+
+
 class CreateCollection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -64,24 +79,12 @@ class SearchRequest(BaseModel):
     collection: Name
     query: Content
     top_k: int = Field(10, ge=1, le=100_000)
-    # Equality on a metadata key, or {"in": [...]} for membership; all conditions must hold.
-    filter: (
-        dict[
-            Annotated[str, StringConstraints(max_length=128)],
-            Scalar
-            | dict[
-                Annotated[str, StringConstraints(max_length=8)],
-                Annotated[list[Scalar], Field(max_length=MAX_IN_VALUES)],
-            ],
-        ]
-        | None
-    ) = Field(None, max_length=32)
+    filter: Filter | None = Field(None, max_length=32)
     include_vectors: bool = False
     include_images: bool = False  # each image hit's display copy as `image_url` (a JPEG data URL)
 
     @model_validator(mode="after")
     def _bounded_filter(self) -> SearchRequest:
-        total = sum(len(v.get("in", ())) if isinstance(v, dict) else 1 for v in (self.filter or {}).values())
-        if total > MAX_FILTER_VALUES:
+        if filter_size(self.filter) > MAX_FILTER_VALUES:
             raise ValueError(f"a filter may hold at most {MAX_FILTER_VALUES} values in all")
         return self

@@ -1,7 +1,8 @@
 """Relay an opened upstream response to the ASGI client.
 
-Streams go out byte-for-byte as the replica sends them: chunks are never parsed or re-encoded. Only the last two
-reads are kept, to find the usage event that vLLM sends just before `data: [DONE]`.
+Streams go out byte-for-byte as the replica sends them: chunks are never parsed or re-encoded (a grounded chat adds
+one event of its own before `data: [DONE]`). Only the last two reads are kept, to find the usage event that vLLM
+sends just before the terminator.
 """
 
 from __future__ import annotations
@@ -80,6 +81,16 @@ def usage_from_stream_tail(tail: bytes) -> tuple[int, int]:
 
 
 StreamError = Callable[[GatewayError, bytes], bytes]
+FinalChunk = Callable[[bytes], bytes]
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+def _before_done(chunk: bytes, extra: bytes | None) -> tuple[bytes, bytes | None]:
+    """`chunk` with `extra` put in front of the stream's terminator, when the chunk ends with it (vLLM writes the
+    terminator as one event, so it arrives whole); the extra still to send otherwise."""
+    if extra is not None and chunk.endswith(DONE_EVENT):
+        return chunk[: -len(DONE_EVENT)] + extra + DONE_EVENT, None
+    return chunk, extra
 
 
 def chat_stream_error(error: GatewayError, tail: bytes) -> bytes:
@@ -117,13 +128,16 @@ async def relay(
     started: float,
     metrics: GatewayMetrics,
     stream_error: StreamError = chat_stream_error,
+    final_chunk: FinalChunk | None = None,
 ) -> RelayOutcome:
     """Relay the opened response; `stream_error` writes the event that ends a stream the replica broke off (its
-    dialect's: chat's `data: {"error"}` + `[DONE]`, or the Responses API's `event: error`)."""
+    dialect's: chat's `data: {"error"}` + `[DONE]`, or the Responses API's `event: error`). `final_chunk`, given
+    the stream's first bytes, makes one event of the gateway's own to send just before `data: [DONE]`."""
     watch = ClientWatch(receive, opened.response)
     try:
         if stream:
-            return await _relay_stream(opened, send, timeouts, started, metrics, watch, stream_error)
+            extra = final_chunk(opened.first_chunk) if final_chunk is not None else None
+            return await _relay_stream(opened, send, timeouts, started, metrics, watch, stream_error, extra)
         return await _relay_whole(opened, send, timeouts, started, metrics, watch)
     finally:
         await watch.stop()
@@ -170,6 +184,7 @@ async def _relay_stream(
     metrics: GatewayMetrics,
     watch: ClientWatch,
     stream_error: StreamError,
+    extra: bytes | None = None,
 ) -> RelayOutcome:
     model = opened.replica.model
     outcome = RelayOutcome()
@@ -183,7 +198,8 @@ async def _relay_stream(
     itl = metrics.of(metrics.inter_token_latency, model)
     previous, last = b"", first
     if first:
-        await send({"type": "http.response.body", "body": first, "more_body": True})
+        sent, extra = _before_done(first, extra)
+        await send({"type": "http.response.body", "body": sent, "more_body": True})
     loop = asyncio.get_running_loop()
     total_deadline = loop.time() + max(0.0, timeouts.total - (now - started))
     content = opened.response.content
@@ -199,8 +215,9 @@ async def _relay_stream(
             previous, last = last, chunk
             # Only the total deadline runs here: a client reading slowly blocks `send`, and that backpressure must
             # not read as a silent replica (it would end the stream and count a failure against the replica).
+            sent, extra = _before_done(chunk, extra)
             async with asyncio.timeout_at(total_deadline):
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": sent, "more_body": True})
     except TimeoutError:
         kind = "timeout_total" if loop.time() >= total_deadline else "timeout_idle"
         metrics.upstream_errors.labels(model, kind).inc()
