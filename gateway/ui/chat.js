@@ -31,9 +31,41 @@ async function loadModels() {
     const response = await fetch("/v1/models", { headers: headers() });
     if (!response.ok) throw new Error(await errorMessage(response));
     const models = (await response.json()).data.filter((m) => !m.id.startsWith("clip-"));
+    const chosen = $("model").value;
     $("model").replaceChildren(...models.map((m) => new Option(m.id, m.id)));
+    if (models.some((m) => m.id === chosen)) $("model").value = chosen;
     status(models.length ? "" : "No chat models are configured.");
   } catch (error) { status(error.message, true); }
+}
+
+// "Ground in collection": the caller's collections; the gateway searches the chosen one with each turn and puts
+// the hits in the prompt (the `retrieval` field), and the stream's last chunk says which it used.
+async function loadCollections() {
+  try {
+    const response = await fetch("/v1/collections", { headers: headers() });
+    if (!response.ok) return;  // no search here, or the key may not read: grounding stays off
+    const names = (await response.json()).data.filter((c) => c.state === "ready").map((c) => c.name);
+    const chosen = $("ground").value;  // kept across reloads (each key change lists again)
+    $("ground").replaceChildren(new Option("no grounding", ""), ...names.map((n) => new Option("ground in " + n, n)));
+    if (names.includes(chosen)) $("ground").value = chosen;
+  } catch (_) { /* the chat works without it */ }
+}
+
+function sources(before, retrieval) {
+  const div = document.createElement("div");
+  div.className = "sources";
+  const label = document.createElement("span");
+  label.textContent = retrieval.data.length ? "From " + retrieval.collection + ":" : "Nothing in " + retrieval.collection + " matched.";
+  div.append(label);
+  for (const hit of retrieval.data) {
+    const figure = document.createElement(hit.thumbnail ? "img" : "span");
+    if (hit.thumbnail) figure.src = hit.thumbnail;  // a data URL from the item's metadata
+    figure.title = hit.id + " (" + hit.score.toFixed(3) + ")";
+    if (!hit.thumbnail) figure.textContent = hit.id;
+    figure.className = "source";
+    div.append(figure);
+  }
+  before.before(div);
 }
 
 async function userContent() {
@@ -101,15 +133,20 @@ async function send(event) {
   $("send").disabled = true; $("stop").disabled = false;
   status("…");
   let reply = "";
+  const body = { ...extra, model: $("model").value, messages: conversation, stream: true,
+                 max_tokens: Number($("max").value) || 256 };
+  if ($("ground").value) {
+    body.retrieval = { collection: $("ground").value, top_k: Number($("ground-k").value) || 3 };
+    if ($("ground-images").checked) body.retrieval.kind = "image";  // `gateway index add` tags image items so
+  }
   try {
     const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: headers(), signal: running.signal,
-      body: JSON.stringify({ ...extra, model: $("model").value, messages: conversation, stream: true,
-                             max_tokens: Number($("max").value) || 256 }),
+      method: "POST", headers: headers(), signal: running.signal, body: JSON.stringify(body),
     });
     if (!response.ok) throw new Error(await errorMessage(response));
     for await (const chunk of events(response)) {
       if (chunk.error) throw new Error(chunk.error.message);
+      if (chunk.retrieval) sources(answer, chunk.retrieval);
       const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
       if (delta && delta.content) { reply += delta.content; answer.textContent = reply; }
     }
@@ -129,5 +166,6 @@ async function send(event) {
 $("compose").addEventListener("submit", send);
 $("stop").addEventListener("click", () => running && running.abort());
 $("clear").addEventListener("click", () => { conversation.length = 0; $("log").replaceChildren(); status(""); });
-$("key").addEventListener("change", loadModels);
+$("key").addEventListener("change", () => { loadModels(); loadCollections(); });
 loadModels();
+loadCollections();

@@ -118,6 +118,7 @@ def test_grounded_chat_injects_the_hits_vllm_sees_them_and_the_ids_match_search(
         headers={"Authorization": f"Bearer {OWNER}"},
         json={"collection": "photos", "query": {"text": question}, "top_k": 2, "filter": {"kind": "image"}},
     ).json()["data"]
+    print(f"prompt tokens: plain {plain}, one image +{per_image}, grounded with two hits {tokens}")
     assert used == [hit["id"] for hit in direct], "the hits used are the ones /v1/search returns for the same turn"
     assert tokens >= plain + 2 * per_image, "vLLM's prompt holds both injected images (and the captions)"
 
@@ -189,3 +190,54 @@ def test_a_proxy_gateway_grounds_through_the_retrieval_service(
         assert _chat(_sdk(proxy, OTHER), "a blue sea", retrieval)[1] == [], "the caller's own key decides"
         with pytest.raises(openai.NotFoundError):
             _chat(_sdk(proxy), "hi", {"collection": "nope"})
+
+
+def test_the_chat_page_grounds_in_a_collection_and_streams_token_by_token(
+    grounded: RunningGateway, browser: Any, log_dir: Path
+) -> None:
+    """The page's picker lists the key's collections; a grounded turn shows the hits' thumbnails above the
+    answer, and the answer grows in several steps as chunks arrive (sampled from outside the page)."""
+    import os
+
+    page = browser.new_page(viewport={"width": 1100, "height": 720})
+    # Every change to an answer bubble, with its time, recorded inside the page (an init script, as a browser
+    # extension would run: outside the page's Content-Security-Policy).
+    page.add_init_script(
+        """window.__updates = [];
+        new MutationObserver((changes) => {
+          for (const c of changes) {
+            const turn = c.target.nodeType === 1 ? c.target : c.target.parentElement;
+            if (turn && turn.closest && turn.closest('.turn.assistant')) window.__updates.push(performance.now());
+          }
+        }).observe(document, {subtree: true, childList: true, characterData: true});"""
+    )
+    page.goto(f"{grounded.base_url}/ui/chat")
+    page.fill("#key", OWNER)
+    page.dispatch_event("#key", "change")
+    page.wait_for_selector('#ground option[value="photos"]', state="attached")
+    page.wait_for_selector(f'#model option[value="{MODEL}"]', state="attached")
+    page.select_option("#ground", "photos")
+    page.fill("#ground-k", "3")
+    page.check("#ground-images")
+    page.fill("#message", "Which of my photos shows a red square?")
+    page.fill("#max", "600")
+    page.fill("#params", '{"ignore_eos": true, "temperature": 0}')
+    page.click("#send")
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("console", lambda message: errors.append(message.text))
+    try:
+        page.wait_for_selector(".sources", timeout=120_000)  # the stream's last chunk has arrived
+    except Exception:
+        raise AssertionError(f"{page.inner_html('#log')[:2000]} {page.inner_text('#status')} {errors}") from None
+    page.wait_for_selector("#stop[disabled]", state="attached", timeout=30_000)
+    updates = page.evaluate("window.__updates")
+    assert page.inner_text(".turn.assistant").strip(), "the answer is in the page"
+    assert len(updates) >= 3, f"the answer grew in steps as chunks arrived, not at once ({len(updates)} updates)"
+    assert updates[-1] - updates[0] > 0, "the updates came at different times"
+    thumbnails = page.query_selector_all(".sources img.source")
+    assert len(thumbnails) == 3, "the three image hits' thumbnails are shown above the answer"
+    assert all((t.get_attribute("src") or "").startswith("data:image/jpeg") for t in thumbnails)
+    page.screenshot(path=str(log_dir / "ui-chat-grounded.png"))
+    if os.environ.get("UPDATE_SCREENSHOTS"):  # the README's picture: `UPDATE_SCREENSHOTS=1 scripts/test -k page`
+        page.screenshot(path=str(Path(__file__).resolve().parents[2] / "docs" / "chat-page.png"))
