@@ -2,7 +2,8 @@
 check, prepare media, forward, relay.
 
 The client's own request bytes are forwarded unchanged whenever no check needs to rewrite them: the gateway
-validates a parsed copy but re-serialises only when media parts were replaced by prepared data URLs. What differs
+validates a parsed copy but re-serialises only when it rewrote the request: media parts replaced by prepared data
+URLs, or a grounded chat's hits injected (gateway/chat/retrieval.py). What differs
 between the routes — where media sits, the affinity key, which replicas may answer, the stream's error event —
 is the route's `Dialect`; the rest is one path.
 """
