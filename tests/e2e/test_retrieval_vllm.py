@@ -133,8 +133,8 @@ def test_a_stream_ends_with_the_retrieval_chunk(grounded: RunningGateway) -> Non
         extra_body={"retrieval": {"collection": "photos", "top_k": 3, "kind": "image"}},
     )
     chunks = list(stream)
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text, "the answer still streams"
+    # The random-weight model may emit tokens that decode to no text: count the answer's chunks, not its text.
+    assert len([c for c in chunks if c.choices]) >= 2, "the answer still streams"
     final = chunks[-1]
     assert final.choices == [] and final.id == chunks[0].id
     summary = (final.model_extra or {})["retrieval"]
