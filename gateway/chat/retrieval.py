@@ -34,7 +34,6 @@ from gateway.upstream.errors import TransportError, TransportTimeout, map_upstre
 MAX_QUERY_CHARS = 16_384  # as /v1/search's text queries
 MAX_CAPTION_CHARS = 1_000  # of one hit's caption in the context block
 CAPTION_KEYS = ("caption", "text")
-DONE_EVENT = b"data: [DONE]\n\n"
 STREAM_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,128})"')
 
 

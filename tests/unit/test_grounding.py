@@ -10,11 +10,11 @@ import pytest
 
 from gateway.chat.checks import parse_request, reserved_tokens_defused
 from gateway.chat.protocol import ChatCompletionRequest
-from gateway.chat.retrieval import DONE_EVENT, ground
+from gateway.chat.retrieval import ground
 from gateway.config import ModelPool
 from gateway.errors import InvalidRequest, NotFound
 from gateway.search.protocol import SearchRequest
-from gateway.upstream.relay import _before_done
+from gateway.upstream.relay import DONE_EVENT, _before_done
 
 PICTURE = "data:image/jpeg;base64,AAAA"
 POOL = ModelPool(name="m", upstreams=["http://127.0.0.1:1"], limit_mm_per_prompt={"image": 2, "video": 1})
