@@ -1,5 +1,6 @@
-"""A large JPEG decodes at a smaller DCT scale, yet the prepared image has exactly the size (so the visual tokens)
-and, within JPEG noise, the pixels of a full decode and resize: orientation, modes and formats included."""
+"""A large JPEG decodes at a smaller DCT scale and the resize is OpenCV's, yet the prepared image has exactly the
+size (so the visual tokens) and, within JPEG noise, the pixels of a full decode and Pillow's bicubic resize:
+orientation, modes, formats and both resize kernels included."""
 
 from __future__ import annotations
 
@@ -60,6 +61,8 @@ def _prepared(data: bytes, max_pixels: int) -> tuple[Image.Image, int]:
         ((2400, 1800), "CMYK", "JPEG", None, ONE_MEGAPIXEL),
         ((2048, 1536), "RGB", "JPEG", None, 16384 * 28 * 28),  # within the default budget: no shrink at all
         ((1500, 1500), "RGB", "PNG", None, ONE_MEGAPIXEL),  # not a JPEG: full decode as before
+        ((1024, 768), "RGB", "JPEG", None, 16384 * 28 * 28),  # to 1036x756: one side up, one down (cubic)
+        ((3000, 2400), "RGB", "PNG", None, 200 * 28 * 28),  # shrunk ~7x in one resize: area-averaged
     ],
 )
 def test_the_prepared_image_matches_a_full_decode(
