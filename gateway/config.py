@@ -27,7 +27,7 @@ class Timeouts(BaseModel):
 
     connect: float = Field(5.0, gt=0, le=600)
     first_token: float = Field(120.0, gt=0, le=3600)  # headers + first chunk; long for large visual prompts
-    idle: float = Field(60.0, gt=0, le=3600)  # longest silence between two chunks (first_token bounds it too)
+    idle: float = Field(60.0, gt=0, le=3600)  # longest silence between two chunks of a stream
     total: float = Field(900.0, gt=0, le=86400)
 
 

@@ -201,7 +201,7 @@ def create_app(settings: Settings) -> FastAPI:
             await embedder.close()
             await limiter.close()
             await media.close()
-            await upstream.close()
+            await session.close()
             tracing.shutdown()
 
     app = FastAPI(title="vlm-gateway", version="0.1.0", lifespan=lifespan, redoc_url=None)

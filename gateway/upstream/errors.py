@@ -1,8 +1,7 @@
-"""Where the HTTP clients' exceptions become the gateway's own (as httpx's `map_exceptions`).
+"""The one place where the HTTP client's exceptions become the gateway's own (as httpx's `map_exceptions`).
 
-Every aiohttp caller (health checks, adapters, media hosts, the retrieval service) wraps its I/O in
-`map_upstream_errors()`; the generation transport maps pyreqwest's in `gateway.upstream.transport`. Callers then
-handle only `TransportError` / `TransportTimeout`; what each means to the client is decided at the call site.
+Every caller of a replica, a media host or the retrieval service wraps its I/O in `map_upstream_errors()` and
+handles only `TransportError` / `TransportTimeout`; what each means to the client is decided at the call site.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import orjson
 from opentelemetry.trace import get_current_span
 
@@ -24,9 +25,8 @@ from gateway.config import Timeouts
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout, sse_error_frame
 from gateway.metrics import GatewayMetrics
 from gateway.upstream.client import OpenedUpstream
-from gateway.upstream.errors import TransportError, TransportTimeout
+from gateway.upstream.errors import TransportError, map_upstream_errors
 from gateway.upstream.lease import Verdict
-from gateway.upstream.transport import UpstreamResponse
 
 USAGE_MARK = b'"usage":{'
 log = logging.getLogger("gateway.relay")
@@ -98,23 +98,19 @@ def chat_stream_error(error: GatewayError, tail: bytes) -> bytes:
 
 
 class ClientWatch:
-    """Notices the client hanging up (uvicorn then drops our writes silently) and ends the relay at once, whatever
-    it awaits: the relay then closes the upstream request, so vLLM aborts the generation and frees its KV cache.
+    """Notices the client hanging up (uvicorn then drops our writes silently) and closes the upstream request,
+    so vLLM aborts the generation and frees its KV cache."""
 
-    The relay runs inside `scope`, a deadline-less `asyncio.timeout` that the watch expires: asyncio's own
-    cancellation then unwinds the relay as a TimeoutError out of the scope, read as the client having gone."""
-
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, response: aiohttp.ClientResponse) -> None:
         self.gone = False
-        self.scope = asyncio.timeout(None)
+        self._response = response
         self._task = asyncio.create_task(self._watch(receive))
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
         self.gone = True
-        with contextlib.suppress(RuntimeError):  # the relay already left its scope
-            self.scope.reschedule(asyncio.get_running_loop().time())
+        self._response.close()
 
     async def stop(self) -> None:
         self._task.cancel()
@@ -137,20 +133,15 @@ async def relay(
     """Relay the opened response; `stream_error` writes the event that ends a stream the replica broke off (its
     dialect's: chat's `data: {"error"}` + `[DONE]`, or the Responses API's `event: error`). `final_chunk`, given
     the stream's first bytes, makes one event of the gateway's own to send just before `data: [DONE]`."""
-    watch = ClientWatch(receive)
+    watch = ClientWatch(receive, opened.response)
     try:
-        async with watch.scope:
-            if stream:
-                extra = final_chunk(opened.first_chunk) if final_chunk is not None else None
-                return await _relay_stream(opened, send, timeouts, started, metrics, watch, stream_error, extra)
-            return await _relay_whole(opened, send, timeouts, started, metrics)
-    except TimeoutError:
-        if not watch.gone:  # the scope has no deadline: only the watch expires it
-            raise
-        return RelayOutcome(status=499)
+        if stream:
+            extra = final_chunk(opened.first_chunk) if final_chunk is not None else None
+            return await _relay_stream(opened, send, timeouts, started, metrics, watch, stream_error, extra)
+        return await _relay_whole(opened, send, timeouts, started, metrics, watch)
     finally:
         await watch.stop()
-        await opened.response.close()
+        opened.response.release()
 
 
 # How late a timer may run before the loop counts as having fallen behind (see `_next_chunk`).
@@ -158,24 +149,28 @@ LOOP_LAG = 0.1
 
 
 async def _next_chunk(
-    response: UpstreamResponse, loop: asyncio.AbstractEventLoop, idle: float, total_deadline: float
+    content: aiohttp.StreamReader, loop: asyncio.AbstractEventLoop, idle: float, total_deadline: float
 ) -> bytes:
     """The next bytes the replica sent, or TimeoutError once it has been silent for `idle` seconds (or the total
     deadline passed).
 
     The clock is a loop timer, and a loop that fell behind (a starved or stopped process) runs due timers before
-    it reads what arrived meanwhile (uvloop, like libuv, runs timers first). A timer that ran late therefore proves
-    nothing about the replica: the stream gets one short window to deliver what is waiting, and only a replica
-    that stays silent through a timer that ran on time is called silent. (A timed-out read gives up nothing: the
-    bytes it did not return are the next read's.)
+    it reads the sockets that became readable meanwhile (uvloop, like libuv, runs timers first). A timer that ran
+    late therefore proves nothing about the replica: the stream gets one short window to deliver what is waiting
+    in the socket, and only a replica that stays silent through a timer that ran on time is called silent.
     """
     deadline = min(loop.time() + idle, total_deadline)
     while True:
+        received = content.total_bytes
         try:
             async with asyncio.timeout_at(deadline):
-                return await response.read_chunk()
+                with map_upstream_errors():
+                    return await content.readany()
         except TimeoutError:
             now = loop.time()
+            if content.total_bytes != received or content.is_eof():
+                deadline = min(now + idle, total_deadline)  # they arrived in the timer's loop pass: not silent
+                continue
             if now >= total_deadline or now - deadline <= LOOP_LAG:
                 raise
             deadline = min(now + LOOP_LAG, total_deadline)
@@ -207,10 +202,11 @@ async def _relay_stream(
         await send({"type": "http.response.body", "body": sent, "more_body": True})
     loop = asyncio.get_running_loop()
     total_deadline = loop.time() + max(0.0, timeouts.total - (now - started))
+    content = opened.response.content
     error: GatewayError | None = None
     try:
         while True:
-            chunk = await _next_chunk(opened.response, loop, timeouts.idle, total_deadline)
+            chunk = await _next_chunk(content, loop, timeouts.idle, total_deadline)
             if not chunk:
                 break
             gap_end = time.perf_counter()
@@ -222,7 +218,7 @@ async def _relay_stream(
             sent, extra = _before_done(chunk, extra)
             async with asyncio.timeout_at(total_deadline):
                 await send({"type": "http.response.body", "body": sent, "more_body": True})
-    except (TimeoutError, TransportTimeout):  # the latter: the socket's read timeout (`first_token`, see transport)
+    except TimeoutError:
         kind = "timeout_total" if loop.time() >= total_deadline else "timeout_idle"
         metrics.upstream_errors.labels(model, kind).inc()
         log.warning("%s: %s on %s after %.1f s", model, kind, opened.replica.base_url, time.perf_counter() - started)
@@ -250,17 +246,22 @@ async def _relay_whole(
     timeouts: Timeouts,
     started: float,
     metrics: GatewayMetrics,
+    watch: ClientWatch,
 ) -> RelayOutcome:
     model = opened.replica.model
     outcome = RelayOutcome()
     remaining = max(0.0, timeouts.total - (time.perf_counter() - started))
     try:
         async with asyncio.timeout(remaining):
-            body = opened.first_chunk + await opened.response.read_all()
-    except (TimeoutError, TransportTimeout):
+            with map_upstream_errors():
+                body = opened.first_chunk + await opened.response.content.read()
+    except TimeoutError:
         metrics.upstream_errors.labels(model, "timeout_total").inc()
         return await _fail(send, UpstreamTimeout(), outcome)
     except TransportError:
+        if watch.gone:
+            outcome.status = 499
+            return outcome
         metrics.upstream_errors.labels(model, "broken_stream").inc()
         outcome.upstream_broke = True
         return await _fail(send, UpstreamError(), outcome)
