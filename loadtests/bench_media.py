@@ -6,6 +6,9 @@ Arms, on the same images in interleaved rounds, each in one worker thread as the
   prepare   today's prepare_image alone: header checks, JPEG shrink-on-load (DCT scaling), reducing resize, encode
   previous  the pipeline before shrink-on-load: full decode, orient, bicubic resize, encode (kept here as the
             baseline; same checks)
+  forward   for an image already at its target size (a client that sizes with Qwen's rule, as qwen-vl-utils does):
+            the same checks and full decode (which is what proves the bytes whole), then the source bytes hashed
+            and base64'd for vLLM instead of re-encoded (the alternative to re-encoding, measured; not shipped)
   vllm      Qwen2.5-VL's own image processor (transformers, in vLLM's virtualenv) on the same bytes: the CPU the
             engine's host spends when handed an image as-is (--vllm-python; a subprocess, same core)
 for two pixel budgets: the processor's default (max_pixels 12.8 MP) and ~1 MP (max_pixels 1280*28*28).
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
 import io
 import json
 import multiprocessing
@@ -34,7 +39,7 @@ from aiohttp import web
 from PIL import Image
 
 from gateway.config import MediaSettings, ModelPool
-from gateway.media.images import JPEG_QUALITY, decode_image, prepare_image, smart_resize
+from gateway.media.images import JPEG_QUALITY, decode_image, load_rgb, open_image, prepare_image, smart_resize
 from gateway.media.service import MediaPart, MediaPreparer
 from gateway.metrics import GatewayMetrics
 
@@ -45,6 +50,7 @@ from tests.harness.processes import free_port  # noqa: E402
 
 IMAGES = [("512x512.jpg", 512, 512), ("1024x768.jpg", 1024, 768), ("2048x1536.jpg", 2048, 1536),
           ("4032x3024.jpg", 4032, 3024), ("1024x768.png", 1024, 768)]  # fmt: skip
+SIZED = [("1036x756.jpg", 1036, 756), ("448x448.jpg", 448, 448)]  # already at Qwen's dimensions: nothing to resize
 BUDGETS = {"default": 16384 * 28 * 28, "1MP": 1280 * 28 * 28}
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
 VLLM_ANCHOR = """
@@ -84,6 +90,14 @@ def _photo(width: int, height: int, fmt: str) -> bytes:
 
 def today_prepare(data: bytes, max_pixels: int) -> None:
     prepare_image(data, min_pixels=3136, max_pixels=max_pixels, max_decode_pixels=10**8, formats=FORMATS, param="p")
+
+
+def forward_validated(data: bytes, max_pixels: int) -> None:
+    """Checks and a full decode as prepare_image does, then the source's own bytes as the data URL."""
+    image = open_image(data, max_decode_pixels=10**8, formats=FORMATS, param="p")
+    load_rgb(image, "p")
+    hashlib.sha256(data).hexdigest()
+    "data:image/jpeg;base64," + base64.b64encode(data).decode()
 
 
 def previous_prepare(data: bytes, max_pixels: int) -> None:
@@ -156,7 +170,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--vllm-python", default=None, help="vLLM's virtualenv python, for the processor anchor")
     args = parser.parse_args()
-    files = {name: _photo(w, h, "PNG" if name.endswith(".png") else "JPEG") for name, w, h in IMAGES}
+    files = {name: _photo(w, h, "PNG" if name.endswith(".png") else "JPEG") for name, w, h in IMAGES + SIZED}
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / "bench-media"
     scratch.mkdir(exist_ok=True)
     for name, data in files.items():
@@ -183,6 +197,18 @@ def main() -> None:
                 print(f"{name:>14} {budget:>8} {m['gateway']:>8.1f} {m['prepare']:>8.1f} {m['previous']:>9.1f} "
                       f"{m['vllm']:>7.1f} {m['prepare'] / m['previous']:>13.2f} {m['gateway'] / m['previous']:>13.2f} "
                       f"{m['prepare'] / m['vllm']:>13.2f}")  # fmt: skip
+        print(f"\nalready sized, default budget: {'image':>14} {'prepare':>8} {'forward':>8} {'vllm':>7} "
+              f"{'forward/prepare':>16}")  # fmt: skip
+        for name, _, _ in SIZED:
+            sized: dict[str, list[float]] = {"prepare": [], "forward": [], "vllm": []}
+            for _ in range(args.rounds):
+                sized["prepare"].append(_in_thread(today_prepare, files[name], args.count, BUDGETS["default"]))
+                sized["forward"].append(_in_thread(forward_validated, files[name], args.count, BUDGETS["default"]))
+                if args.vllm_python:
+                    sized["vllm"].append(_vllm(args.vllm_python, scratch / name, args.count, BUDGETS["default"]))
+            m = {arm: statistics.median(values) if values else float("nan") for arm, values in sized.items()}
+            print(f"{'':>30} {name:>14} {m['prepare']:>8.1f} {m['forward']:>8.1f} {m['vllm']:>7.1f} "
+                  f"{m['forward'] / m['prepare']:>16.2f}")  # fmt: skip
         for budget, max_pixels in BUDGETS.items():
             new, old = (_peak_mib(scratch / "4032x3024.jpg", arm, max_pixels) for arm in ("prepare", "previous"))
             print(f"peak RSS added by one 12 MP JPEG, budget {budget}: prepare {new} MiB, previous {old} MiB")
