@@ -31,6 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from loadtests.bench_affinity import stack_env  # noqa: E402
 from tests.harness.processes import ManagedProcess, free_port, gateway_process, vllm_process  # noqa: E402
 
 MODEL = "bench-qwen-vl"
@@ -44,14 +45,6 @@ add_cli_args(parser)
 result = main(parser.parse_args(sys.argv[1:]))
 print("RESULT " + json.dumps({k: result[k] for k in ("completed", "request_throughput", "median_ttft_ms")}))
 """
-
-
-def stack_env() -> dict[str, str]:
-    values = {}
-    for line in (ROOT / ".cache" / "stack.env").read_text().splitlines():
-        name, _, value = line.partition("=")
-        values[name] = value
-    return values
 
 
 def pinned(core: str | None, argv: list[str]) -> list[str]:
