@@ -3,9 +3,9 @@
 Arms, on the same images in interleaved rounds, each in one worker thread as the gateway runs it:
   gateway   the real MediaPreparer (fetch from a loopback image host in another process -> checks -> prepare),
             cache off
-  prepare   today's prepare_image alone: header checks, JPEG shrink-on-load (DCT scaling), reducing resize, encode
-  previous  the pipeline before shrink-on-load: full decode, orient, bicubic resize, encode (kept here as the
-            baseline; same checks)
+  prepare   today's prepare_image alone: header checks, JPEG shrink-on-load (DCT scaling), OpenCV resize, encode
+  previous  the pipeline before shrink-on-load and OpenCV: full decode, orient, Pillow bicubic resize, encode (kept
+            here as the baseline; same checks)
   forward   for an image already at its target size (a client that sizes with Qwen's rule, as qwen-vl-utils does):
             the same checks and full decode (which is what proves the bytes whole), then the source bytes hashed
             and base64'd for vLLM instead of re-encoded (the alternative to re-encoding, measured; not shipped)
@@ -180,7 +180,7 @@ def main() -> None:
     host.start()
     time.sleep(1.0)
     print(f"img/s, median of {args.rounds} interleaved rounds, {args.count} images each, gateway concurrency "
-          f"{args.concurrency}; ratios against `previous` (the pipeline before shrink-on-load)")  # fmt: skip
+          f"{args.concurrency}; ratios against `previous` (the pipeline before shrink-on-load and OpenCV)")  # fmt: skip
     header = f"{'image':>14} {'budget':>8} {'gateway':>8} {'prepare':>8} {'previous':>9} {'vllm':>7}"
     print(header + f" {'prepare/prev':>13} {'gateway/prev':>13} {'prepare/vllm':>13}")
     try:
