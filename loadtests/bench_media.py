@@ -39,7 +39,8 @@ from aiohttp import web
 from PIL import Image
 
 from gateway.config import MediaSettings, ModelPool
-from gateway.media.images import JPEG_QUALITY, decode_image, load_rgb, open_image, prepare_image, smart_resize
+from gateway.media.images import decode_image, load_rgb, open_image, prepare_image, smart_resize
+from gateway.media.pixels import JPEG_QUALITY
 from gateway.media.service import MediaPart, MediaPreparer
 from gateway.metrics import GatewayMetrics
 

@@ -79,17 +79,66 @@ def test_the_prepared_image_matches_a_full_decode(
     assert max(flipped) > max(difference) * 2, "the check can tell a wrong orientation apart"
 
 
-def test_a_large_jpeg_is_decoded_at_a_smaller_scale(monkeypatch: pytest.MonkeyPatch) -> None:
-    from PIL import JpegImagePlugin
+@pytest.mark.parametrize(
+    ("size", "max_pixels", "decoded_at"),
+    [
+        ((4032, 3024), ONE_MEGAPIXEL, (2016, 1512)),  # 1/2 scale: still above the 1148x840 target
+        ((2048, 1536), ONE_MEGAPIXEL, (2048, 1536)),  # 1148x868 wanted: 1/2 is too small, 5/8 slower than full
+        ((4000, 1000), 200 * 28 * 28, (1000, 250)),  # 1/4 for 784x196 (1/8 would be 500x125)
+        ((4000, 1000), 40 * 28 * 28, (500, 125)),  # 1/8 for 336x84
+    ],
+)
+def test_a_large_jpeg_is_decoded_at_the_smallest_simd_scale_that_covers_it(
+    monkeypatch: pytest.MonkeyPatch, size: tuple[int, int], max_pixels: int, decoded_at: tuple[int, int]
+) -> None:
+    from gateway.media import pixels
 
     decoded: list[tuple[int, int]] = []
-    original = JpegImagePlugin.JpegImageFile.load
+    original = pixels.simplejpeg.decode_jpeg
 
-    def recording_load(self: JpegImagePlugin.JpegImageFile) -> object:
-        result = original(self)
-        decoded.append(self.size)
+    def recording_decode(*args: object, **kwargs: object) -> object:
+        result = original(*args, **kwargs)
+        decoded.append((result.shape[1], result.shape[0]))
         return result
 
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", recording_load)
-    _prepared(_encode(_photo(4032, 3024)), ONE_MEGAPIXEL)
-    assert decoded and decoded[0] == (2016, 1512), decoded  # 1/2 scale: still above the 1148x840 target
+    monkeypatch.setattr(pixels.simplejpeg, "decode_jpeg", recording_decode)
+    _prepared(_encode(_photo(*size)), max_pixels)
+    assert decoded == [decoded_at]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_shown_as_pillow_shows_it(orientation: int) -> None:
+    """An asymmetric picture (a dark corner block on a gradient) in each of the eight EXIF orientations."""
+    image = _photo(1200, 800)
+    image.paste((20, 20, 20), (0, 0, 400, 200))
+    data = _encode(image, orientation=orientation)
+    expected = _reference(data, ONE_MEGAPIXEL // 2)
+    got, _ = _prepared(data, ONE_MEGAPIXEL // 2)
+    assert got.size == expected.size
+    assert max(ImageStat.Stat(ImageChops.difference(got, expected)).mean) < 6
+
+
+def test_transparency_is_flattened_on_white() -> None:
+    image = Image.new("RGBA", (300, 200), (0, 0, 0, 0))
+    image.paste((200, 0, 0, 255), (0, 0, 150, 200))
+    got, _ = _prepared(_encode(image, "PNG"), ONE_MEGAPIXEL)
+    assert got.getpixel((250, 100)) >= (250, 250, 250)  # the transparent half: white, not black
+    red, green, _ = got.getpixel((50, 100))
+    assert red > 190 and green < 15
+
+
+def test_a_jpeg_whose_two_headers_disagree_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.errors import ImageRefused
+    from gateway.media import pixels
+
+    monkeypatch.setattr(pixels.simplejpeg, "decode_jpeg_header", lambda data: (16000, 16000, "YCbCr", "420"))
+    with pytest.raises(ImageRefused, match="inconsistent"):
+        _prepared(_encode(_photo(640, 480)), ONE_MEGAPIXEL)
+
+
+def test_a_truncated_jpeg_is_refused_not_half_decoded() -> None:
+    from gateway.errors import ImageRefused
+
+    data = _encode(_photo(640, 480))
+    with pytest.raises(ImageRefused, match="could not be decoded"):
+        _prepared(data[: len(data) // 2], ONE_MEGAPIXEL)
