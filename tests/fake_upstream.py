@@ -14,13 +14,23 @@ from tests.harness.processes import free_port
 
 @dataclass
 class Behaviour:
-    mode: str = "normal"  # normal | stall_first | stall_mid | status | reset | drop_mid
+    mode: str = "normal"  # normal | stall_first | stall_mid | status | reset | drop_mid | split_whole
     status: int = 200
     retry_after: str | None = None
     chunks: int = 3
     chunk_delay: float = 0.0
     padding: int = 0  # bytes of filler per chunk, to fill socket buffers quickly
     message: str | None = None  # the error message of mode "status" (default "fake status <code>")
+
+
+WHOLE_BODY = orjson.dumps(
+    {
+        "id": "cmpl-fake",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"content": "ok"}}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8},
+    }
+)
 
 
 def sse_chunk(i: int, padding: int = 0) -> bytes:
@@ -185,14 +195,16 @@ class FakeVllm:
             return early
         b = self.behaviour
         if not orjson.loads(body).get("stream"):
-            return web.json_response(
-                {
-                    "id": "cmpl-fake",
-                    "object": "chat.completion",
-                    "choices": [{"index": 0, "message": {"content": "ok"}}],
-                    "usage": {"prompt_tokens": 7, "completion_tokens": 1, "total_tokens": 8},
-                }
-            )
+            if b.mode == "split_whole":  # a JSON body in two writes, `chunk_delay` apart (not one read)
+                whole = web.StreamResponse(headers={"Content-Type": "application/json"})
+                whole.content_length = len(WHOLE_BODY)
+                await whole.prepare(request)
+                await whole.write(WHOLE_BODY[:20])
+                await asyncio.sleep(b.chunk_delay)
+                await whole.write(WHOLE_BODY[20:])
+                await whole.write_eof()
+                return whole
+            return web.Response(body=WHOLE_BODY, content_type="application/json")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for i in range(b.chunks):

@@ -8,38 +8,11 @@ does anything on this path: the middleware and the endpoint write their own Open
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI
 
 from gateway.access.keys import KeyChecker
-from gateway.asgi import ASGIApp, Message, Receive, Send, send_error
-from gateway.errors import GatewayError
+from gateway.asgi import ASGIApp, Message, Receive, Send
 from gateway.server.middleware import GatewayMiddleware
-
-log = logging.getLogger("gateway")
-
-
-class _Guarded:
-    """A raw endpoint that answers 500 in OpenAI's shape if it fails before its response started."""
-
-    def __init__(self, endpoint: ASGIApp) -> None:
-        self.endpoint = endpoint
-
-    async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
-        try:
-            await self.endpoint(scope, receive, tracking_send)
-        except Exception:
-            log.exception("unhandled error")
-            if not started:
-                await send_error(send, GatewayError())
 
 
 class HotPathDispatch:
@@ -56,7 +29,7 @@ class HotPathDispatch:
         self.state = app.state  # what the server and tools may look up on "the app"
         self.routes = {
             path: GatewayMiddleware(
-                _Guarded(endpoint), max_body_bytes=max_body_bytes, keys=keys, log_requests=log_requests
+                endpoint, max_body_bytes=max_body_bytes, keys=keys, log_requests=log_requests, answer_errors=True
             )
             for path, endpoint in endpoints.items()
         }

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import AsyncIterator
 
 from prometheus_client import Gauge
 
@@ -28,19 +27,11 @@ class Gate:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._waiting = waiting
 
-    @contextlib.asynccontextmanager
-    async def slot(self, tracing: Tracing = OFF) -> AsyncIterator[None]:
+    def slot(self, tracing: Tracing = OFF) -> _Slot:
         """A place among the pool's in-flight requests, waiting in its queue if need be (the wait is the
-        request's admission span)."""
-        if self.limit is not None:
-            with tracing.span("gateway.admission", attributes={"gateway.admission.queued": len(self._waiters)}):
-                await self._acquire()
-        else:
-            self.active += 1
-        try:
-            yield
-        finally:
-            self._release()
+        request's admission span). A plain class, not a generator-based context manager: it is entered once per
+        proxied request."""
+        return _Slot(self, tracing)
 
     async def _acquire(self) -> None:
         assert self.limit is not None
@@ -79,3 +70,22 @@ class Gate:
                 waiter.set_result(None)
                 return
         self.active -= 1
+
+
+class _Slot:
+    __slots__ = ("_gate", "_tracing")
+
+    def __init__(self, gate: Gate, tracing: Tracing) -> None:
+        self._gate = gate
+        self._tracing = tracing
+
+    async def __aenter__(self) -> None:
+        gate = self._gate
+        if gate.limit is None:
+            gate.active += 1
+            return
+        with self._tracing.span("gateway.admission", attributes={"gateway.admission.queued": len(gate._waiters)}):
+            await gate._acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._gate._release()

@@ -133,6 +133,13 @@ async def relay(
     """Relay the opened response; `stream_error` writes the event that ends a stream the replica broke off (its
     dialect's: chat's `data: {"error"}` + `[DONE]`, or the Responses API's `event: error`). `final_chunk`, given
     the stream's first bytes, makes one event of the gateway's own to send just before `data: [DONE]`."""
+    if not stream and opened.response.content.is_eof():
+        # The whole answer came with the first read (vLLM writes a non-streamed body at once): nothing is left
+        # to wait for or abort, so no watch task and no deadline.
+        try:
+            return await _send_whole(opened.first_chunk, send)
+        finally:
+            opened.response.release()
     watch = ClientWatch(receive, opened.response)
     try:
         if stream:
@@ -265,6 +272,12 @@ async def _relay_whole(
         metrics.upstream_errors.labels(model, "broken_stream").inc()
         outcome.upstream_broke = True
         return await _fail(send, UpstreamError(), outcome)
+    return await _send_whole(body, send, outcome)
+
+
+async def _send_whole(body: bytes, send: Send, outcome: RelayOutcome | None = None) -> RelayOutcome:
+    """A complete non-streamed body, its usage read on the way through."""
+    outcome = outcome or RelayOutcome()
     with contextlib.suppress(orjson.JSONDecodeError):
         outcome.prompt_tokens, outcome.completion_tokens = _usage_from(orjson.loads(body))
     headers = [JSON_CONTENT_TYPE, (b"content-length", str(len(body)).encode())]

@@ -11,7 +11,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.fake_upstream import Behaviour, FakeVllm, sse_chunk
+from tests.fake_upstream import WHOLE_BODY, Behaviour, FakeVllm, sse_chunk
 from tests.harness.processes import free_port
 from tests.support import RunningGateway, run_gateway_async, write_config
 
@@ -260,6 +260,21 @@ async def test_stream_is_relayed_byte_for_byte_with_usage_counted(
         assert gateway.metric("gateway_completion_tokens_total", {"model": "m"}) == 3
         assert gateway.metric("gateway_time_to_first_token_seconds_count", {"model": "m"}) == 1
         assert gateway.metric("gateway_inter_token_latency_seconds_count", {"model": "m"}) >= 3
+
+
+@pytest.mark.parametrize("mode", ["normal", "split_whole"])
+async def test_a_whole_body_is_relayed_byte_for_byte_in_one_read_or_several(
+    tmp_path: Path, log_dir: Path, fake_a: FakeVllm, mode: str
+) -> None:
+    """One read (the relay's short way: no watch, no deadline) or a body still arriving after the first read."""
+    fake_a.behaviour = Behaviour(mode=mode, chunk_delay=0.2)
+    async with run_gateway_async(_config(tmp_path, [fake_a.url]), log_dir) as gateway:
+        response = await _post(gateway, CHAT)
+        assert response.status_code == 200
+        assert response.content == WHOLE_BODY
+        assert response.headers["content-length"] == str(len(WHOLE_BODY))
+        assert gateway.metric("gateway_prompt_tokens_total", {"model": "m"}) == 7
+        assert gateway.metric("gateway_completion_tokens_total", {"model": "m"}) == 1
 
 
 async def test_breaker_stops_sending_to_a_failing_replica_then_probes_it(
