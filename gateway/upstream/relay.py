@@ -85,12 +85,34 @@ FinalChunk = Callable[[bytes], bytes]
 DONE_EVENT = b"data: [DONE]\n\n"
 
 
-def _before_done(chunk: bytes, extra: bytes | None) -> tuple[bytes, bytes | None]:
-    """`chunk` with `extra` put in front of the stream's terminator, when the chunk ends with it (vLLM writes the
-    terminator as one event, so it arrives whole); the extra still to send otherwise."""
-    if extra is not None and chunk.endswith(DONE_EVENT):
-        return chunk[: -len(DONE_EVENT)] + extra + DONE_EVENT, None
-    return chunk, extra
+class BeforeDone:
+    """Puts one event of the gateway's own just before the stream's `data: [DONE]`, however the replica's writes
+    split the terminator across reads: trailing bytes that could begin it (at most 13) are held back until the
+    next read shows whether they do, then sent either way."""
+
+    def __init__(self, extra: bytes | None) -> None:
+        self.extra = extra
+        self.held = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """What of `chunk` (after anything held) goes to the client now."""
+        data = self.held + chunk if self.held else chunk
+        self.held = b""
+        if self.extra is None:
+            return data
+        if data.endswith(DONE_EVENT):
+            data, self.extra = data[: -len(DONE_EVENT)] + self.extra + DONE_EVENT, None
+            return data
+        for size in range(min(len(DONE_EVENT) - 1, len(data)), 0, -1):
+            if DONE_EVENT.startswith(data[-size:]):
+                self.held = data[-size:]
+                return data[:-size]
+        return data
+
+    def flush(self) -> bytes:
+        """What is still held when the stream ends (a replica that stopped mid-terminator)."""
+        held, self.held = self.held, b""
+        return held
 
 
 def chat_stream_error(error: GatewayError, tail: bytes) -> bytes:
@@ -204,8 +226,8 @@ async def _relay_stream(
         span.add_event("gen_ai.first_token", {"gen_ai.server.time_to_first_token": now - started})
     itl = metrics.of(metrics.inter_token_latency, model)
     previous, last = b"", first
-    if first:
-        sent, extra = _before_done(first, extra)
+    final = BeforeDone(extra)
+    if first and (sent := final.feed(first)):
         await send({"type": "http.response.body", "body": sent, "more_body": True})
     loop = asyncio.get_running_loop()
     total_deadline = loop.time() + max(0.0, timeouts.total - (now - started))
@@ -222,7 +244,8 @@ async def _relay_stream(
             previous, last = last, chunk
             # Only the total deadline runs here: a client reading slowly blocks `send`, and that backpressure must
             # not read as a silent replica (it would end the stream and count a failure against the replica).
-            sent, extra = _before_done(chunk, extra)
+            if not (sent := final.feed(chunk)):
+                continue
             async with asyncio.timeout_at(total_deadline):
                 await send({"type": "http.response.body", "body": sent, "more_body": True})
     except TimeoutError:
@@ -240,10 +263,11 @@ async def _relay_stream(
         return outcome
     if error is not None:
         outcome.status = error.status
-        await send({"type": "http.response.body", "body": stream_error(error, previous + last), "more_body": False})
+        ending = final.flush() + stream_error(error, previous + last)
+        await send({"type": "http.response.body", "body": ending, "more_body": False})
         return outcome
     outcome.prompt_tokens, outcome.completion_tokens = usage_from_stream_tail(previous + last)
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    await send({"type": "http.response.body", "body": final.flush(), "more_body": False})
     return outcome
 
 

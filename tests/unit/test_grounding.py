@@ -14,7 +14,7 @@ from gateway.chat.retrieval import ground
 from gateway.config import ModelPool
 from gateway.errors import InvalidRequest, NotFound
 from gateway.search.protocol import SearchRequest
-from gateway.upstream.relay import DONE_EVENT, _before_done
+from gateway.upstream.relay import DONE_EVENT, BeforeDone
 
 PICTURE = "data:image/jpeg;base64,AAAA"
 POOL = ModelPool(name="m", upstreams=["http://127.0.0.1:1"], limit_mm_per_prompt={"image": 2, "video": 1})
@@ -128,8 +128,27 @@ async def test_search_errors_name_the_retrieval_field() -> None:
 
 def test_the_final_chunk_goes_just_before_the_terminator() -> None:
     extra = b'data: {"retrieval":1}\n\n'
-    sent, left = _before_done(b'data: {"x":1}\n\n' + DONE_EVENT, extra)
-    assert sent == b'data: {"x":1}\n\n' + extra + DONE_EVENT and left is None
-    sent, left = _before_done(b'data: {"x":1}\n\n', extra)
-    assert sent == b'data: {"x":1}\n\n' and left == extra
-    assert _before_done(DONE_EVENT, None) == (DONE_EVENT, None)
+    final = BeforeDone(extra)
+    assert final.feed(b'data: {"x":1}\n\n') == b'data: {"x":1}\n\n'
+    assert final.feed(b'data: {"y":2}\n\n' + DONE_EVENT) == b'data: {"y":2}\n\n' + extra + DONE_EVENT
+    assert final.flush() == b""
+    assert BeforeDone(None).feed(DONE_EVENT) == DONE_EVENT
+
+
+@pytest.mark.parametrize("cut", range(1, len(DONE_EVENT)))
+def test_the_final_chunk_is_placed_when_the_terminator_is_split_across_reads(cut: int) -> None:
+    extra = b'data: {"retrieval":1}\n\n'
+    stream = b'data: {"x":1}\n\n' + DONE_EVENT
+    split = len(stream) - len(DONE_EVENT) + cut
+    final = BeforeDone(extra)
+    out = final.feed(stream[:split]) + final.feed(stream[split:]) + final.flush()
+    assert out == b'data: {"x":1}\n\n' + extra + DONE_EVENT
+
+
+def test_bytes_held_back_are_sent_when_they_were_not_the_terminator() -> None:
+    final = BeforeDone(b"data: {}\n\n")
+    first = final.feed(b'data: {"a":1}\n\ndata: ')  # could begin `data: [DONE]`
+    assert first == b'data: {"a":1}\n\n'
+    assert first + final.feed(b'{"b":2}\n\n') == b'data: {"a":1}\n\ndata: {"b":2}\n\n'
+    assert final.feed(b"data: [DO") == b""
+    assert final.flush() == b"data: [DO", "a replica that stopped mid-terminator: its bytes still reach the client"
