@@ -26,10 +26,10 @@ from pydantic import ValidationError
 from gateway.asgi import Message
 from gateway.chat.protocol import ChatCompletionRequest, ImagePart, Retrieval
 from gateway.config import ModelPool
-from gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable, UpstreamTimeout, error_for_status
+from gateway.errors import GatewayError, InvalidRequest, error_for_status
 from gateway.search.protocol import Content, SearchRequest
 from gateway.search.service import SearchService
-from gateway.upstream.errors import TransportError, TransportTimeout, map_upstream_errors
+from gateway.upstream.errors import reaching_service
 
 MAX_QUERY_CHARS = 16_384  # as /v1/search's text queries
 MAX_CAPTION_CHARS = 1_000  # of one hit's caption in the context block
@@ -71,20 +71,15 @@ class RemoteRetriever:
             if name == b"authorization":
                 headers["authorization"] = value.decode("latin-1")
         body = request.model_dump_json(exclude_none=True)
-        try:
-            with map_upstream_errors():
-                async with self.session.post(
-                    f"{self.base_url}/v1/search",
-                    data=body,
-                    headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=self.timeout, sock_connect=5),
-                ) as response:
-                    payload = await response.read()
-                    status = response.status
-        except (TimeoutError, TransportTimeout):
-            raise UpstreamTimeout("The retrieval service did not answer in time.") from None
-        except TransportError:
-            raise ServiceUnavailable("The retrieval service is unreachable.", headers={"Retry-After": "1"}) from None
+        with reaching_service("retrieval service"):
+            async with self.session.post(
+                f"{self.base_url}/v1/search",
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout, sock_connect=5),
+            ) as response:
+                payload = await response.read()
+                status = response.status
         try:
             answer = orjson.loads(payload)
         except orjson.JSONDecodeError:

@@ -19,9 +19,9 @@ from starlette.routing import Route
 from yarl import URL
 
 from gateway.asgi import Message, Receive, Send, read_body, send_error
-from gateway.errors import InvalidRequest, ServiceUnavailable, UpstreamTimeout
+from gateway.errors import GatewayError, InvalidRequest
 from gateway.server.state import GatewayState
-from gateway.upstream.errors import TransportError, TransportTimeout, map_upstream_errors
+from gateway.upstream.errors import reaching_service
 
 FORWARDED_HEADERS = (b"content-type", b"authorization", b"x-request-id")
 PATHS = ["/v1/embeddings", "/v1/search", "/v1/collections", "/v1/collections/{rest:path}"]
@@ -59,14 +59,10 @@ class RetrievalForwarder:
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
         try:
-            with map_upstream_errors():
+            with reaching_service("retrieval service"):
                 await self._forward(gateway, scope["method"], URL(target, encoded=True), body, headers, send)
-        except (TimeoutError, TransportTimeout):
-            await send_error(send, UpstreamTimeout("The retrieval service did not answer in time."))
-        except TransportError:
-            await send_error(
-                send, ServiceUnavailable("The retrieval service is unreachable.", headers={"Retry-After": "1"})
-            )
+        except GatewayError as error:  # the answer is sent only once the whole body is in, so none started yet
+            await send_error(send, error)
 
     @staticmethod
     async def _forward(

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 
 import aiohttp
 
+from gateway.errors import ServiceUnavailable, UpstreamTimeout
+
 
 class TransportError(Exception):
     """The peer could not be reached, or its connection or body broke. `reason` is for logs, never for clients."""
@@ -32,6 +34,19 @@ def map_upstream_errors() -> Iterator[None]:
         raise TransportTimeout(type(exc).__name__) from None
     except (aiohttp.ClientError, ConnectionError) as exc:
         raise TransportError(type(exc).__name__) from None
+
+
+@contextmanager
+def reaching_service(name: str) -> Iterator[None]:
+    """I/O to another tier of the gateway (the retrieval service): its transport failures as the client's
+    504 (no answer in time) or 503 (unreachable), naming the service and nothing of its address."""
+    try:
+        with map_upstream_errors():
+            yield
+    except (TimeoutError, TransportTimeout):
+        raise UpstreamTimeout(f"The {name} did not answer in time.") from None
+    except TransportError:
+        raise ServiceUnavailable(f"The {name} is unreachable.", headers={"Retry-After": "1"}) from None
 
 
 async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
