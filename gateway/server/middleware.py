@@ -177,16 +177,15 @@ class GatewayMiddleware:
                     return
                 try:
                     await self.app(scope, capped_receive, send_with_id)
-                except PayloadTooLarge:  # raised through a raw endpoint before it answered
-                    if too_large is None:
+                except Exception as exc:
+                    if isinstance(exc, PayloadTooLarge) and too_large is not None:
+                        await answer_too_large()  # the cap, raised through a raw endpoint before it answered
+                    elif not self.answer_errors:
                         raise
-                    await answer_too_large()
-                except Exception:
-                    if not self.answer_errors:
-                        raise
-                    log.exception("unhandled error")
-                    if not started:
-                        await send_error(send_with_id, GatewayError())
+                    else:
+                        log.exception("unhandled error")
+                        if not started:
+                            await send_error(send_with_id, GatewayError())
                 finally:
                     await gateway.limiter.leave(identity.key_id)
             finally:

@@ -83,3 +83,15 @@ async def test_other_routes_and_methods_go_to_fastapi() -> None:
     await _call(dispatch, "/v1/chat/completions", "GET")
     await _call(dispatch, "/v1/chat/completions")
     assert calls == ["GET /v1/models", "GET /v1/chat/completions", "hot"]
+
+
+async def test_a_stray_payload_error_from_an_endpoint_is_an_openai_500_not_a_bare_one() -> None:
+    """Only the body cap's own error becomes the 413; any other exception an endpoint raises is answered here."""
+    from gateway.errors import PayloadTooLarge
+
+    async def broken(scope: Message, receive: Receive, send: Send) -> None:
+        raise PayloadTooLarge("not the cap")
+
+    sent = await _call(_dispatch(broken), "/v1/chat/completions")
+    assert sent[0]["status"] == 500
+    assert orjson.loads(sent[1]["body"])["error"]["type"] == "internal_error"
