@@ -126,6 +126,29 @@ class LoraModule(BaseModel):
     base_model_name: str | None = Field(None, max_length=256)
 
 
+class PoolScheduling(BaseModel):
+    """The pool's scheduler (gateway/scheduling/): per-replica in-flight limits adapted to each engine's own
+    queue, and the order in which work waiting at the gateway goes on (band, then tenant fairness)."""
+
+    # false: no limits and no queue at the gateway; vLLM's first-come-first-served queue decides who waits.
+    enabled: bool = True
+    initial_limit: int = Field(4, ge=1, le=100_000)  # a replica new to the gateway starts here, then grows
+    min_limit: int = Field(1, ge=1, le=100_000)
+    max_limit: int = Field(1024, ge=1, le=100_000)  # the operator's cap per replica
+    max_queue_bytes: int = Field(256 * 1024 * 1024, ge=1024, le=64 * 1024**3)  # bodies held by waiting requests
+    flex_queue_timeout: float = Field(600.0, gt=0, le=86400)  # flex waits for idle capacity: longer than default
+    # Slots per replica that flex work leaves free, so an interactive request arriving during a bulk job starts
+    # at once rather than after a bulk request ends (nothing is preempted on a replica).
+    flex_reserve: int = Field(1, ge=0, le=100_000)
+    probe_interval: float = Field(0.5, gt=0, le=60)  # how often a binding replica's engine queue is read
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PoolScheduling:
+        if not self.min_limit <= self.initial_limit <= self.max_limit:
+            raise ValueError("scheduling needs min_limit <= initial_limit <= max_limit")
+        return self
+
+
 class ModelPool(BaseModel):
     """One served model name and the vLLM replicas that serve it."""
 
@@ -138,10 +161,12 @@ class ModelPool(BaseModel):
     limit_mm_per_prompt: dict[Modality, int] = Field(default_factory=lambda: _default_media_limits())
     max_model_len: int | None = Field(None, ge=16, le=10_000_000)
     quantization: Literal["bf16", "fp16", "fp8", "awq", "gptq", "none"] | None = None
-    # Admission: at most max_inflight requests on this pool; max_queue more wait up to queue_timeout seconds.
+    # Admission: at most max_inflight requests on this pool (beside each replica's adaptive limit); max_queue
+    # more wait at the gateway, priority and default ones up to queue_timeout seconds (flex: scheduling's own).
     max_inflight: int | None = Field(None, ge=1)
-    max_queue: int = Field(0, ge=0, le=1_000_000)
+    max_queue: int = Field(1024, ge=0, le=1_000_000)
     queue_timeout: float = Field(10.0, gt=0, le=3600)
+    scheduling: PoolScheduling = Field(default_factory=PoolScheduling)
     # Engine-steering request fields (chat_template, mm_processor_kwargs, ...) the operator lets through.
     allow_fields: list[str] = Field(default_factory=list, max_length=64)
     timeouts: Timeouts = Field(default_factory=Timeouts)
@@ -209,6 +234,7 @@ class ModelPool(BaseModel):
 
 
 Scope = Literal["read", "write", "admin", "operator"]
+ServiceTier = Literal["priority", "default", "flex"]
 ALL_SCOPES: tuple[Scope, ...] = ("read", "write", "admin", "operator")
 LEAST_SCOPES: tuple[Scope, ...] = ("read",)  # what a scoped key gets when its entry names none
 
@@ -231,6 +257,19 @@ class ScopedKey(BaseModel):
     scopes: list[Scope] = Field(default_factory=lambda: list(LEAST_SCOPES), max_length=len(ALL_SCOPES))
     namespace: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
     rate_limits: RateLimits | None = None  # default: the gateway-wide `rate_limits`
+    # Fair share of a full pool (gateway/scheduling/): the band a request runs in when it names no service_tier,
+    # the highest it may name (above it: 403), and the weight of the key's tenant (its namespace, else the key)
+    # among the tenants waiting in one band. Keys of one namespace share one tenant: give them one weight.
+    service_tier: ServiceTier = "default"
+    max_service_tier: ServiceTier = "default"
+    weight: float = Field(1.0, ge=0.01, le=100)
+
+    @model_validator(mode="after")
+    def _tier_within_ceiling(self) -> ScopedKey:
+        order = ("priority", "default", "flex")
+        if order.index(self.service_tier) < order.index(self.max_service_tier):
+            raise ValueError("a key's service_tier cannot be above its max_service_tier")
+        return self
 
     @model_validator(mode="after")
     def _one_digest(self) -> ScopedKey:

@@ -107,8 +107,37 @@ class GatewayMetrics:
         # Saturation per pool, summed over gateway pods by the autoscaler (helm/: KEDA triggers for vLLM).
         self.pool_queued = Gauge(
             "gateway_pool_queued_requests",
-            "Requests waiting for a free slot in the pool's max_inflight gate.",
+            "Requests waiting at the gateway for a slot on one of the pool's replicas, all bands.",
             ["model"],
+            registry=r,
+        )
+        # The scheduler (gateway/scheduling/): bands are priority, default, flex; tenants come from configured keys.
+        self.queue_requests = Gauge(
+            "gateway_queue_requests", "Requests waiting at the gateway, by band.", ["model", "band"], registry=r
+        )
+        self.queue_bytes = Gauge(
+            "gateway_queue_bytes",
+            "Bytes of request bodies held by requests waiting at the gateway, by band.",
+            ["model", "band"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "gateway_queue_wait_seconds",
+            "Time a request waited at the gateway for a replica slot (those dispatched at once are not counted).",
+            ["model", "band"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.replica_limit = Gauge(
+            "gateway_replica_inflight_limit",
+            "The adaptive in-flight limit of each replica (grown while its engine has no queue, cut when it has).",
+            ["model", "replica"],
+            registry=r,
+        )
+        self.tenant_tokens = Counter(
+            "gateway_tenant_tokens",
+            "Tokens served per tenant (prompt when dispatched, output as streamed): what fair share counts.",
+            ["model", "tenant"],
             registry=r,
         )
         self.pool_visual_tokens = Gauge(

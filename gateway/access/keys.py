@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from gateway.config import ALL_SCOPES, RateLimits, Scope, ScopedKey, Settings
+from gateway.config import ALL_SCOPES, RateLimits, Scope, ScopedKey, ServiceTier, Settings
 from gateway.errors import PermissionDenied
 
 BEARER = b"bearer "
@@ -21,7 +21,10 @@ log = logging.getLogger("gateway.access.keys")
 class Identity:
     key_id: str  # a digest prefix, never the key
     scopes: frozenset[Scope]
-    namespace: str
+    namespace: str  # also the key's tenant in the pools' fair share: from the configured keys, a closed set
+    service_tier: ServiceTier = "default"
+    max_service_tier: ServiceTier = "default"
+    weight: float = 1.0
 
     def require(self, scope: Scope) -> None:
         """Refuses with 403 unless the key holds `scope` (operator holds admin too, on every namespace)."""
@@ -29,7 +32,18 @@ class Identity:
             raise PermissionDenied(f"This API key lacks the '{scope}' scope.")
 
 
-ANONYMOUS = Identity("anonymous", frozenset(ALL_SCOPES), "default")
+# With no keys configured every caller is trusted alike: any band may be asked for.
+ANONYMOUS = Identity("anonymous", frozenset(ALL_SCOPES), "default", max_service_tier="priority")
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    digest: bytes
+    scopes: frozenset[Scope]
+    namespace: str | None
+    service_tier: ServiceTier = "default"
+    max_service_tier: ServiceTier = "priority"  # the full-rights keys (api_key_hashes) may ask for any band
+    weight: float = 1.0
 
 
 def load_keys_file(path: Path) -> list[ScopedKey]:
@@ -43,7 +57,7 @@ class KeyChecker:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._file_stamp: tuple[float, int] | None = None
-        self._entries: list[tuple[bytes, frozenset[Scope], str | None]] = []
+        self._entries: list[_Entry] = []
         self.rate_limits: dict[str, RateLimits] = {}
         self._install(self._file_keys())
 
@@ -58,10 +72,18 @@ class KeyChecker:
     def _install(self, file_keys: list[ScopedKey]) -> None:
         settings = self._settings
         keys = [*settings.keys, *file_keys]
-        entries: list[tuple[bytes, frozenset[Scope], str | None]] = [
-            (bytes.fromhex(d), frozenset(ALL_SCOPES), None) for d in settings.api_key_hashes
+        entries = [_Entry(bytes.fromhex(d), frozenset(ALL_SCOPES), None) for d in settings.api_key_hashes]
+        entries += [
+            _Entry(
+                bytes.fromhex(k.sha256 or ""),
+                frozenset(k.scopes),
+                k.namespace,
+                k.service_tier,
+                k.max_service_tier,
+                k.weight,
+            )
+            for k in keys
         ]
-        entries += [(bytes.fromhex(k.sha256 or ""), frozenset(k.scopes), k.namespace) for k in keys]
         self._entries = entries  # one assignment: a request sees the old set or the new one, never half
         self.rate_limits = {(k.sha256 or "")[:12]: k.rate_limits for k in keys if k.rate_limits is not None}
 
@@ -90,12 +112,14 @@ class KeyChecker:
         if not authorization or authorization[:7].lower() != BEARER:
             return None
         presented = hashlib.sha256(authorization[7:].strip()).digest()
-        match: tuple[bytes, frozenset[Scope], str | None] | None = None
+        match: _Entry | None = None
         # Compare against every digest, without an early exit, so timing says nothing about which one matched.
         for entry in self._entries:
-            if hmac.compare_digest(presented, entry[0]):
+            if hmac.compare_digest(presented, entry.digest):
                 match = entry
         if match is None:
             return None
-        key_id = match[0].hex()[:12]
-        return Identity(key_id, match[1], match[2] or key_id)
+        key_id = match.digest.hex()[:12]
+        return Identity(
+            key_id, match.scopes, match.namespace or key_id, match.service_tier, match.max_service_tier, match.weight
+        )

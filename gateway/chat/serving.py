@@ -35,10 +35,12 @@ from gateway.chat.retrieval import LocalRetriever, RemoteRetriever, Retriever, g
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, ServiceUnavailable
 from gateway.media.images import PreparedMedia
 from gateway.metrics import UNKNOWN_MODEL
+from gateway.scheduling.bands import band_for
+from gateway.scheduling.scheduler import ClientGone, Ticket
 from gateway.server.state import GatewayState
 from gateway.upstream.lease import Verdict
 from gateway.upstream.pool import Replica, ReplicaSet
-from gateway.upstream.relay import chat_stream_error, relay
+from gateway.upstream.relay import RelayOutcome, chat_stream_error, relay
 from gateway.upstream.routing import affinity_key
 
 
@@ -131,7 +133,9 @@ class CompletionsEndpoint:
                 await asyncio.to_thread(check_against_pool, request, replicas.pool, media)
             else:
                 check_against_pool(request, replicas.pool, media)
-            namespace = scope["state"]["identity"].namespace
+            identity = scope["state"]["identity"]
+            namespace = identity.namespace
+            band = band_for(request.service_tier, identity.service_tier, identity.max_service_tier)
             placement = self.dialect.placement(gateway, replicas, request, namespace)
             only = _eligible(replicas, request.model, placement.only)
         except GatewayError as error:
@@ -147,30 +151,36 @@ class CompletionsEndpoint:
         if span is not None:
             span.set_attributes(_request_attributes(self.route, request))
         try:
-            async with replicas.gate.slot(tracing):
-                visual_tokens = 0
-                prepared: list[PreparedMedia] = []
-                pool = replicas.pool
-                if media:
-                    prepared = await gateway.media.prepare([m.part for m in media], pool)
-                    visual_tokens = sum(item.visual_tokens for item in prepared)
-                    self.dialect.replace_media(data, media, prepared)
-                key = None
-                if pool.routing == "affinity":
-                    session = _header(scope, pool.session_header)
-                    key = self.dialect.routing_key(request, namespace, session, media, prepared)
-                if request.prompt_cache_key is not None and not pool.forward_prompt_cache_key:
-                    del data["prompt_cache_key"]  # used for routing here; vLLM sees it only if the pool says so
-                    body = reserialise(data)
-                elif media or grounding is not None:
-                    body = reserialise(data)
-                budget_headers = await gateway.limiter.charge_tokens(
-                    state["identity"].key_id, estimated_tokens(request, visual_tokens)
+            visual_tokens = 0
+            prepared: list[PreparedMedia] = []
+            pool = replicas.pool
+            if media:
+                prepared = await gateway.media.prepare([m.part for m in media], pool)
+                visual_tokens = sum(item.visual_tokens for item in prepared)
+                self.dialect.replace_media(data, media, prepared)
+            key = None
+            if pool.routing == "affinity":
+                session = _header(scope, pool.session_header)
+                key = self.dialect.routing_key(request, namespace, session, media, prepared)
+            if request.prompt_cache_key is not None and not pool.forward_prompt_cache_key:
+                del data["prompt_cache_key"]  # used for routing here; vLLM sees it only if the pool says so
+                body = reserialise(data)
+            elif media or grounding is not None:
+                body = reserialise(data)
+            prompt_tokens = estimated_prompt_tokens(request, visual_tokens)
+            budget_headers = await gateway.limiter.charge_tokens(
+                identity.key_id, prompt_tokens + (request.requested_tokens() or 256) * request.choice_count()
+            )
+            send = with_headers(send, budget_headers + (grounding.headers() if grounding else []))
+            make = placement.body_for
+            payload = body if make is None else lambda replica, sent=body: make(sent, replica)
+            ticket = Ticket(namespace, identity.weight, band, prompt_tokens, len(body), _placer(replicas, key, only))
+            grant = await replicas.scheduler.acquire(ticket, lambda: _hung_up(receive), tracing)
+            outcome = RelayOutcome(status=499)  # until the relay says otherwise: the client left before an answer
+            try:
+                opened = await gateway.upstream.open(
+                    replicas, self.route, payload, state["request_id"], key, only=only, first=grant.replica
                 )
-                send = with_headers(send, budget_headers + (grounding.headers() if grounding else []))
-                make = placement.body_for
-                payload = body if make is None else lambda replica, sent=body: make(sent, replica)
-                opened = await gateway.upstream.open(replicas, self.route, payload, state["request_id"], key, only=only)
                 replicas.visual_tokens.inc(visual_tokens)
                 try:
                     outcome = await relay(
@@ -183,11 +193,15 @@ class CompletionsEndpoint:
                         metrics=metrics,
                         stream_error=self.dialect.stream_error,
                         final_chunk=grounding.final_chunk if grounding is not None and request.stream else None,
+                        on_events=grant.charge_output,
+                        on_upstream_done=grant.free,
                     )
                     opened.lease.settle(outcome.verdict)
                 finally:
                     opened.lease.settle(Verdict.ABANDONED)  # only if the relay raised: a lease settles once
                     replicas.visual_tokens.dec(visual_tokens)
+            finally:
+                grant.release(outcome.completion_tokens)
             status = outcome.status
             if span is not None:
                 span.set_attributes(
@@ -196,13 +210,16 @@ class CompletionsEndpoint:
                         "gen_ai.usage.output_tokens": outcome.completion_tokens,
                         "gateway.upstream.replica": opened.replica.base_url,
                         "gateway.visual_tokens": visual_tokens,
+                        "gateway.band": band.label,
                     }
                 )
             if outcome.prompt_tokens:
                 metrics.of(metrics.prompt_tokens, model_label).inc(outcome.prompt_tokens)
             if outcome.completion_tokens:
                 metrics.of(metrics.completion_tokens, model_label).inc(outcome.completion_tokens)
-        except GatewayError as error:  # gate refusal, media, token budget or upstream, all before the first byte
+        except ClientGone:
+            status = 499  # hung up while queued: nothing reached a replica, and there is no one to answer
+        except GatewayError as error:  # queue, media, token budget or upstream refusal, all before the first byte
             status = error.status
             metrics.rejections.labels(self.route, error.code or error.type).inc()
             await send_error(send, error)
@@ -210,6 +227,21 @@ class CompletionsEndpoint:
             in_flight.dec()
             metrics.of(metrics.requests, self.route, model_label, str(status)).inc()
             metrics.of(metrics.request_duration, self.route, model_label).observe(time.perf_counter() - started)
+
+
+async def _hung_up(receive: Receive) -> None:
+    """Returns once the client has hung up (the body was read whole, so nothing else can arrive)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _placer(
+    replicas: ReplicaSet, key: bytes | None, only: Callable[[Replica], bool] | None
+) -> Callable[[Callable[[Replica], bool]], Replica | None]:
+    """Where the scheduler may send this request: the pool's routing (affinity order, bounded load) among the
+    replicas with room that may answer it."""
+    ineligible = {r for r in replicas.replicas if not only(r)} if only is not None else set()
+    return lambda room: replicas.pick(ineligible, key, room)[0]
 
 
 OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion", "/v1/responses": "chat"}
@@ -287,8 +319,7 @@ def reserialise(data: dict[str, Any]) -> bytes:
         raise InvalidRequest("The request holds a number too large to forward.") from None
 
 
-def estimated_tokens(request: Request, visual_tokens: int) -> int:
-    """What a request may cost against a tokens-per-minute budget: prompt (chars/4 or token ids), images, and
-    the completion it asks room for (max_tokens, else 256) times n."""
-    prompt = max(request.text_chars() // 4, getattr(request, "longest_token_prompt", lambda: 0)())
-    return prompt + visual_tokens + (request.requested_tokens() or 256) * request.choice_count()
+def estimated_prompt_tokens(request: Request, visual_tokens: int) -> int:
+    """A prompt's tokens before the replica counts them: text (chars/4, or its token ids) plus its images'.
+    The token budget adds the completion it asks room for (max_tokens, else 256) times n, as OpenAI does."""
+    return max(request.text_chars() // 4, getattr(request, "longest_token_prompt", lambda: 0)()) + visual_tokens

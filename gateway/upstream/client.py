@@ -156,6 +156,7 @@ class UpstreamClient:
         key: bytes | None = None,
         *,
         only: Callable[[Replica], bool] | None = None,
+        first: Replica | None = None,
         method: str = "POST",
     ) -> OpenedUpstream:
         """Send the request, failing over to another replica until one yields its status and first chunk.
@@ -163,7 +164,8 @@ class UpstreamClient:
         Failover happens only here, before anything reached the client: connect errors and resets try the next
         replica; a 429/503 cools the replica down and is retried once elsewhere. The opened replica's lease is
         the caller's to settle once the relay is done. `only` narrows the replicas that may answer (those serving
-        an adapter, the one holding a stored response); `body` may be made per replica (ids that name it).
+        an adapter, the one holding a stored response); `body` may be made per replica (ids that name it);
+        `first` is the replica the pool's scheduler granted a slot on, tried before any other.
         """
         model = replicas.pool.name
         tried: set[Replica] = set()
@@ -172,9 +174,14 @@ class UpstreamClient:
         last_error: GatewayError | None = None
         self.retry_budget.earn()
         while True:
-            replica, outcome = replicas.pick(tried | ineligible if ineligible else tried, key)
+            replica: Replica | None
+            if first is not None and not tried:
+                replica, outcome = first, replicas.outcome_of(key, first) if key is not None else None
+            else:
+                replica, outcome = replicas.pick(tried | ineligible if ineligible else tried, key)
             if replica is None:
                 break
+            replicas.begin(replica)
             if outcome is not None and not tried:
                 self.metrics.of(self.metrics.routing_decisions, model, outcome.value).inc()
             if tried:

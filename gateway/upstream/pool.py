@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -14,10 +15,14 @@ from prometheus_client import Gauge
 
 from gateway.config import ModelPool, Settings
 from gateway.metrics import GatewayMetrics
+from gateway.scheduling.bands import BANDS, Band
+from gateway.scheduling.fairness import TenantCounters
+from gateway.scheduling.limits import AdaptiveLimit
+from gateway.scheduling.scheduler import QueueBounds, QueueMetrics, Scheduler
 from gateway.upstream.adapters import sync_adapters
 from gateway.upstream.discovery import DiscoveryFailed, Resolver, discover, system_resolver
+from gateway.upstream.engine_load import EngineLoadProbe
 from gateway.upstream.errors import TransportError, map_upstream_errors
-from gateway.upstream.gate import Gate
 from gateway.upstream.routing import Outcome, load_bound, rendezvous_order
 
 log = logging.getLogger("gateway.pool")
@@ -30,6 +35,9 @@ class Replica:
     # Gauges live on the replica, so a request still open on one that left the pool can settle harmlessly.
     healthy_gauge: Gauge
     outstanding_gauge: Gauge
+    # The scheduler's: how many requests this replica may hold (adapted to its engine's queue), and holds.
+    limit: AdaptiveLimit
+    granted: int = 0
     healthy: bool = True  # optimistic until the first check: a down replica costs one failed connect
     cooldown_until: float = 0.0
     outstanding: int = 0
@@ -54,7 +62,7 @@ class ReplicaSet:
         self.pool = pool
         self.breaker_failures = breaker_failures
         self.breaker_cooldown = breaker_cooldown
-        self.gate = Gate(pool.max_inflight, pool.max_queue, pool.queue_timeout, metrics.pool_queued.labels(pool.name))
+        self.scheduler = _scheduler(self, pool, metrics)
         self.visual_tokens = metrics.pool_visual_tokens.labels(pool.name)
         self._metrics = metrics
         self._rotation = 0
@@ -77,9 +85,15 @@ class ReplicaSet:
         return model in replica.adapters
 
     def _new_replica(self, url: str) -> Replica:
-        metrics, name = self._metrics, self.pool.name
+        metrics, name, scheduling = self._metrics, self.pool.name, self.pool.scheduling
+        limit = AdaptiveLimit(
+            scheduling.initial_limit,
+            scheduling.min_limit,
+            scheduling.max_limit,
+            metrics.replica_limit.labels(name, url) if scheduling.enabled else None,
+        )
         replica = Replica(
-            name, url, metrics.replica_healthy.labels(name, url), metrics.replica_outstanding.labels(name, url)
+            name, url, metrics.replica_healthy.labels(name, url), metrics.replica_outstanding.labels(name, url), limit
         )
         replica.healthy_gauge.set(1)
         return replica
@@ -95,25 +109,45 @@ class ReplicaSet:
             log.info("replica %s left pool %s", url, self.pool.name)
             self._metrics.replica_healthy.remove(self.pool.name, url)
             self._metrics.replica_outstanding.remove(self.pool.name, url)
+            if self.pool.scheduling.enabled:
+                self._metrics.replica_limit.remove(self.pool.name, url)
         self.replicas = [current.get(url) or self._new_replica(url) for url in wanted]
+        self.scheduler.dispatch()  # a replica that joined has room
 
     @property
     def scaled_to_zero(self) -> bool:
         """A discovered pool whose name resolves to no address: waiting for a replica, not broken."""
         return self.discovered and not self.replicas
 
-    def pick(self, exclude: set[Replica], key: bytes | None = None) -> tuple[Replica | None, Outcome | None]:
-        """The replica for this attempt, and (with an affinity key) how the choice relates to the key's own."""
+    def pick(
+        self, exclude: set[Replica], key: bytes | None = None, room: Callable[[Replica], bool] | None = None
+    ) -> tuple[Replica | None, Outcome | None]:
+        """The replica for this attempt among those `room` admits (the scheduler's: below their limits), and
+        (with an affinity key) how the choice relates to the key's own. Choosing changes nothing: the caller
+        that uses the choice marks a half-open breaker's probe (`begin`)."""
         now = time.monotonic()
         if key is not None and self.pool.routing == "affinity" and self.replicas:
-            chosen, outcome = self._pick_affine(key, exclude, now)
-        else:
-            chosen, outcome = self._least_outstanding(exclude, now), None
-        if chosen is not None and chosen.breaker_open:
-            chosen.probing = True  # half-open: this request is the probe
-        return chosen, outcome
+            return self._pick_affine(key, exclude, now, room)
+        return self._least_outstanding(exclude, now, room), None
 
-    def _least_outstanding(self, exclude: set[Replica], now: float) -> Replica | None:
+    def outcome_of(self, key: bytes, chosen: Replica) -> Outcome | None:
+        """How a replica chosen elsewhere (by the scheduler, through `pick`) relates to the key's own."""
+        if self.pool.routing != "affinity" or not self.replicas:
+            return None
+        own = rendezvous_order(key, self.replicas)[0]
+        if chosen is own:
+            return Outcome.AFFINE
+        return Outcome.MOVED if not own.available(time.monotonic()) else Outcome.SPILLED
+
+    @staticmethod
+    def begin(replica: Replica) -> None:
+        """A request goes to `replica` now: behind an open breaker it is the one probe (half-open)."""
+        if replica.breaker_open:
+            replica.probing = True
+
+    def _least_outstanding(
+        self, exclude: set[Replica], now: float, room: Callable[[Replica], bool] | None
+    ) -> Replica | None:
         """The available replica with the fewest open requests; ties rotate so idle replicas share load."""
         best: Replica | None = None
         count = len(self.replicas)
@@ -122,15 +156,17 @@ class ReplicaSet:
         self._rotation = (self._rotation + 1) % count
         for offset in range(count):
             replica = self.replicas[(self._rotation + offset) % count]
-            if replica in exclude or not replica.available(now):
+            if replica in exclude or not replica.available(now) or (room is not None and not room(replica)):
                 continue
             if best is None or replica.outstanding < best.outstanding:
                 best = replica
         return best
 
-    def _pick_affine(self, key: bytes, exclude: set[Replica], now: float) -> tuple[Replica | None, Outcome]:
+    def _pick_affine(
+        self, key: bytes, exclude: set[Replica], now: float, room: Callable[[Replica], bool] | None
+    ) -> tuple[Replica | None, Outcome]:
         order = rendezvous_order(key, self.replicas)  # every member: a down one keeps its keys' places
-        usable = [r for r in order if r not in exclude and r.available(now)]
+        usable = [r for r in order if r not in exclude and r.available(now) and (room is None or room(r))]
         bound = load_bound([r for r in order if r.available(now)], self.pool.affinity_epsilon)
         chosen = next((r for r in usable if r.outstanding + 1 <= bound), None)
         if chosen is None and usable:  # all over the bound (a burst): the least loaded, in the key's order
@@ -184,7 +220,8 @@ class ReplicaSet:
     def mark_up(self, replica: Replica) -> None:
         if not replica.healthy:
             log.info("replica %s of %s is healthy again", replica.base_url, replica.model)
-        replica.healthy = True
+            replica.healthy = True
+            self.scheduler.dispatch()  # its slots are open again to the work that waits
         replica.healthy_gauge.set(1)
 
     def healthy_count(self, among: list[Replica] | None = None) -> int:
@@ -207,6 +244,7 @@ class Pools:
         }
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._load_probe: EngineLoadProbe | None = None
 
     def get(self, model: str) -> ReplicaSet | None:
         """The pool serving `model`: a base model's own, or the one whose replicas serve that adapter."""
@@ -227,8 +265,13 @@ class Pools:
         if self.by_model:
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32, keepalive_timeout=30))
             self._task = asyncio.create_task(self._check_forever(self._session), name="replica-health")
+            interval = min(rs.pool.scheduling.probe_interval for rs in self.by_model.values())
+            self._load_probe = EngineLoadProbe(self.by_model.values, interval, self.settings.health_check_timeout)
+            self._load_probe.start(self._session)
 
     async def stop(self) -> None:
+        if self._load_probe is not None:
+            await self._load_probe.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -247,6 +290,8 @@ class Pools:
     async def _check_forever(self, session: aiohttp.ClientSession) -> None:
         while True:
             await self.check_all(session)
+            for replica_set in self.by_model.values():
+                replica_set.scheduler.dispatch()  # cooldowns and breakers that ran out free slots without an event
             await asyncio.sleep(self.settings.health_check_interval)
             await self.discover_all()
 
@@ -287,3 +332,25 @@ class Pools:
                 await sync_adapters(session, replica_set, replica, timeout)
         else:
             replica_set.mark_down(replica)
+
+
+def _scheduler(replica_set: ReplicaSet, pool: ModelPool, metrics: GatewayMetrics) -> Scheduler[Replica]:
+    name, scheduling = pool.name, pool.scheduling
+    budgets = {band: pool.queue_timeout for band in BANDS}
+    budgets[Band.FLEX] = scheduling.flex_queue_timeout
+    bounds = QueueBounds(pool.max_queue, scheduling.max_queue_bytes, budgets, pool.max_inflight)
+    queue_metrics = QueueMetrics(
+        {band: metrics.queue_requests.labels(name, band.label) for band in BANDS},
+        {band: metrics.queue_bytes.labels(name, band.label) for band in BANDS},
+        {band: metrics.queue_wait.labels(name, band.label) for band in BANDS},
+        metrics.pool_queued.labels(name),
+    )
+    counters = TenantCounters(metrics.tenant_tokens, name)
+    return Scheduler(
+        lambda: replica_set.replicas,
+        bounds,
+        counters,
+        queue_metrics,
+        enabled=scheduling.enabled,
+        flex_reserve=scheduling.flex_reserve,
+    )

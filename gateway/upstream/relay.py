@@ -29,6 +29,7 @@ from gateway.upstream.errors import TransportError, map_upstream_errors
 from gateway.upstream.lease import Verdict
 
 USAGE_MARK = b'"usage":{'
+EVENT_MARK = b"data:"
 log = logging.getLogger("gateway.relay")
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
 
@@ -151,13 +152,21 @@ async def relay(
     metrics: GatewayMetrics,
     stream_error: StreamError = chat_stream_error,
     final_chunk: FinalChunk | None = None,
+    on_events: Callable[[int], None] | None = None,
+    on_upstream_done: Callable[[], None] | None = None,
 ) -> RelayOutcome:
     """Relay the opened response; `stream_error` writes the event that ends a stream the replica broke off (its
     dialect's: chat's `data: {"error"}` + `[DONE]`, or the Responses API's `event: error`). `final_chunk`, given
-    the stream's first bytes, makes one event of the gateway's own to send just before `data: [DONE]`."""
+    the stream's first bytes, makes one event of the gateway's own to send just before `data: [DONE]`.
+    `on_events` is told how many SSE events each read of a stream held (vLLM streams about one token an event):
+    the scheduler charges output tokens as they stream, not only at the end. `on_upstream_done` is called once the
+    replica has sent its last byte, which may be well before a slow client has read them: the replica's slot is
+    free from then on."""
     if not stream and opened.response.content.is_eof():
         # The whole answer came with the first read (vLLM writes a non-streamed body at once): nothing is left
         # to wait for or abort, so no watch task and no deadline.
+        if on_upstream_done is not None:
+            on_upstream_done()
         try:
             return await _send_whole(opened.first_chunk, send)
         finally:
@@ -166,8 +175,10 @@ async def relay(
     try:
         if stream:
             extra = final_chunk(opened.first_chunk) if final_chunk is not None else None
-            return await _relay_stream(opened, send, timeouts, started, metrics, watch, stream_error, extra)
-        return await _relay_whole(opened, send, timeouts, started, metrics, watch)
+            return await _relay_stream(
+                opened, send, timeouts, started, metrics, watch, stream_error, extra, on_events, on_upstream_done
+            )
+        return await _relay_whole(opened, send, timeouts, started, metrics, watch, on_upstream_done)
     finally:
         await watch.stop()
         opened.response.release()
@@ -214,6 +225,8 @@ async def _relay_stream(
     watch: ClientWatch,
     stream_error: StreamError,
     extra: bytes | None = None,
+    on_events: Callable[[int], None] | None = None,
+    on_upstream_done: Callable[[], None] | None = None,
 ) -> RelayOutcome:
     model = opened.replica.model
     outcome = RelayOutcome()
@@ -227,6 +240,8 @@ async def _relay_stream(
     itl = metrics.of(metrics.inter_token_latency, model)
     previous, last = b"", first
     final = BeforeDone(extra)
+    if on_events is not None and first:
+        on_events(first.count(EVENT_MARK))
     if first and (sent := final.feed(first)):
         await send({"type": "http.response.body", "body": sent, "more_body": True})
     loop = asyncio.get_running_loop()
@@ -235,6 +250,9 @@ async def _relay_stream(
     error: GatewayError | None = None
     try:
         while True:
+            if on_upstream_done is not None and content.is_eof():
+                on_upstream_done()  # the rest is already read from the replica, or in this process's buffer
+                on_upstream_done = None
             chunk = await _next_chunk(content, loop, timeouts.idle, total_deadline)
             if not chunk:
                 break
@@ -242,6 +260,8 @@ async def _relay_stream(
             itl.observe(gap_end - now)
             now = gap_end
             previous, last = last, chunk
+            if on_events is not None:
+                on_events(chunk.count(EVENT_MARK))
             # Only the total deadline runs here: a client reading slowly blocks `send`, and that backpressure must
             # not read as a silent replica (it would end the stream and count a failure against the replica).
             if not (sent := final.feed(chunk)):
@@ -278,6 +298,7 @@ async def _relay_whole(
     started: float,
     metrics: GatewayMetrics,
     watch: ClientWatch,
+    on_upstream_done: Callable[[], None] | None = None,
 ) -> RelayOutcome:
     model = opened.replica.model
     outcome = RelayOutcome()
@@ -296,6 +317,8 @@ async def _relay_whole(
         metrics.upstream_errors.labels(model, "broken_stream").inc()
         outcome.upstream_broke = True
         return await _fail(send, UpstreamError(), outcome)
+    if on_upstream_done is not None:
+        on_upstream_done()
     return await _send_whole(body, send, outcome)
 
 

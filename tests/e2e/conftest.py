@@ -115,6 +115,34 @@ def replicas(log_dir: Path, otlp: OtlpReceiver) -> Iterator[list[Replica]]:
             replica.process.stop()
 
 
+# The saturable replica's batch: a GPU running at its --max-num-seqs, in miniature, for the scheduler's tests.
+SATURABLE_SEQS = 4
+
+
+@pytest.fixture(scope="session")
+def saturable_replica(log_dir: Path) -> Iterator[str]:
+    """One more replica (its base URL), started with a small `--max-num-seqs` on first use and shared by the
+    tests that need a pool that fills."""
+    python, model_dir, _ = _stack_paths()
+    port = free_port()
+    process = vllm_process(
+        python,
+        model_dir,
+        served_name=MODEL,
+        port=port,
+        log_path=log_dir / "vllm-saturable.log",
+        limit_mm_per_prompt=VLLM_LIMITS,
+        max_model_len=MAX_MODEL_LEN,
+        max_num_seqs=SATURABLE_SEQS,
+    )
+    process.start()
+    try:
+        process.wait_ready(timeout=600)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.stop()
+
+
 @pytest.fixture
 def live_replicas(replicas: list[Replica]) -> list[Replica]:
     for replica in replicas:

@@ -123,6 +123,7 @@ def vllm_process(
     max_model_len: int = 2048,
     lora_modules: dict[str, Path] | None = None,
     otlp_traces_endpoint: str | None = None,
+    max_num_seqs: int | None = None,
 ) -> ManagedProcess:
     """vLLM's OpenAI server on the CPU build. It stores responses (so `previous_response_id` and GET work), and
     with `lora_modules` it serves those adapters by name and lets adapters be loaded at runtime."""
@@ -159,6 +160,8 @@ def vllm_process(
         argv += ["--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--max-cpu-loras", "4"]
         argv += ["--lora-modules", *(f"{name}={path}" for name, path in lora_modules.items())]
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
+    if max_num_seqs is not None:  # a saturated GPU in miniature: the scheduler's tests and benchmarks
+        argv += ["--max-num-seqs", str(max_num_seqs)]
     if otlp_traces_endpoint:  # vLLM's own spans, OTLP/HTTP to a full /v1/traces URL
         argv += ["--otlp-traces-endpoint", otlp_traces_endpoint]
         env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"

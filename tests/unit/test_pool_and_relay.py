@@ -4,7 +4,7 @@ import time
 
 from gateway.config import ModelPool
 from gateway.metrics import GatewayMetrics
-from gateway.upstream.pool import ReplicaSet
+from gateway.upstream.pool import Replica, ReplicaSet
 from gateway.upstream.relay import usage_from_stream_tail
 
 
@@ -90,14 +90,22 @@ def test_breaker_opens_after_consecutive_failures_and_half_opens_for_one_probe()
     assert a.breaker_open
     assert {replicas.pick(set())[0] for _ in range(4)} == {b}, "open: skipped"
     time.sleep(0.06)
-    assert replicas.pick({b})[0] is a and a.probing, "half-open: one probe"
-    assert replicas.pick({b})[0] is None, "no second request while the probe is out"
+    assert _use(replicas, {b}) is a and a.probing, "half-open: one probe"
+    assert _use(replicas, {b}) is None, "no second request while the probe is out"
     replicas.record_failure(a)
-    assert a.breaker_open and not a.probing and replicas.pick({b})[0] is None, "a failed probe re-opens"
+    assert a.breaker_open and not a.probing and _use(replicas, {b}) is None, "a failed probe re-opens"
     time.sleep(0.06)
-    assert replicas.pick({b})[0] is a
+    assert _use(replicas, {b}) is a
     replicas.record_success(a)
-    assert not a.breaker_open and replicas.pick({b})[0] is a and not a.probing, "a good probe closes it"
+    assert not a.breaker_open and _use(replicas, {b}) is a and not a.probing, "a good probe closes it"
+
+
+def _use(replicas: ReplicaSet, exclude: set[Replica]) -> Replica | None:
+    """Pick a replica and send to it, as the client does: choosing alone marks no probe."""
+    chosen, _ = replicas.pick(exclude)
+    if chosen is not None:
+        replicas.begin(chosen)
+    return chosen
 
 
 def test_retry_budget_caps_retries_to_a_fraction_of_requests() -> None:

@@ -1,0 +1,47 @@
+"""Virtual token counters: fairness between tenants counted in tokens served, not requests.
+
+The rule is the Virtual Token Counter of "Fairness in Serving Large Language Models" (Sheng et al., OSDI 2024): each
+tenant's counter grows by the tokens it is served (prompt tokens when a request is dispatched — text estimate plus
+visual tokens —, output tokens as they stream back), divided by its weight; the next request dispatched is the
+backlogged tenant's with the smallest counter. A tenant that becomes backlogged is first lifted to the smallest
+counter among backlogged tenants (or, with none, to the counter of the tenant that left the backlog last), so time
+spent idle banks no credit to spend in a burst later.
+
+Tenants come from the configured keys only (a key's namespace, else the key itself), so the map is bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import Counter
+
+
+class TenantCounters:
+    def __init__(self, served: Counter | None = None, model: str = "") -> None:
+        self.counters: dict[str, float] = {}
+        self._last_left = 0.0
+        self._served = served
+        self._model = model
+
+    def value(self, tenant: str) -> float:
+        return self.counters.get(tenant, 0.0)
+
+    def lift(self, tenant: str, backlogged: Iterable[str]) -> None:
+        """`tenant` becomes backlogged: raise it to the smallest backlogged counter (or the last one to leave)."""
+        floor = min((self.counters.get(other, 0.0) for other in backlogged if other != tenant), default=None)
+        if floor is None:
+            floor = self._last_left
+        if self.counters.get(tenant, 0.0) < floor:
+            self.counters[tenant] = floor
+
+    def left(self, tenant: str) -> None:
+        """`tenant`'s backlog emptied: its counter is where a newly backlogged tenant starts when no other waits."""
+        self._last_left = self.counters.get(tenant, 0.0)
+
+    def charge(self, tenant: str, tokens: float, weight: float) -> None:
+        if tokens == 0:
+            return
+        self.counters[tenant] = self.counters.get(tenant, 0.0) + tokens / weight
+        if self._served is not None and tokens > 0:
+            self._served.labels(self._model, tenant).inc(tokens)

@@ -1,0 +1,326 @@
+"""The scheduler's order and bounds (gateway/scheduling/): bands, virtual token counters, the lift rule, weights,
+a client that leaves while queued, budgets, and each replica's adaptive limit.
+Against real vLLM: tests/e2e/test_fair_share_vllm.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+from gateway.errors import PermissionDenied, RateLimited, ServiceUnavailable
+from gateway.metrics import GatewayMetrics
+from gateway.scheduling.bands import BANDS, Band, band_for
+from gateway.scheduling.fairness import TenantCounters
+from gateway.scheduling.limits import AdaptiveLimit
+from gateway.scheduling.scheduler import ClientGone, QueueBounds, QueueMetrics, Scheduler, Ticket
+from gateway.upstream.engine_load import RUNNING, WAITING, engine_gauge
+
+
+@dataclass(eq=False)
+class Member:
+    limit: AdaptiveLimit
+    granted: int = 0
+    up: bool = True
+
+    def available(self, now: float) -> bool:
+        return self.up
+
+
+def _scheduler(
+    members: list[Member], *, max_requests: int = 1000, max_bytes: int = 1 << 30, budget: float = 30.0
+) -> Scheduler[Member]:
+    metrics = GatewayMetrics()
+    queue_metrics = QueueMetrics(
+        {b: metrics.queue_requests.labels("m", b.label) for b in BANDS},
+        {b: metrics.queue_bytes.labels("m", b.label) for b in BANDS},
+        {b: metrics.queue_wait.labels("m", b.label) for b in BANDS},
+    )
+    bounds = QueueBounds(max_requests, max_bytes, dict.fromkeys(BANDS, budget))
+    return Scheduler(lambda: members, bounds, TenantCounters(), queue_metrics)
+
+
+def _member(limit: int = 1) -> Member:
+    return Member(AdaptiveLimit(limit, 1, 1024))
+
+
+def _first_with_room(members: list[Member]) -> Callable[[Callable[[Member], bool]], Member | None]:
+    return lambda room: next((m for m in members if room(m)), None)
+
+
+def _ticket(
+    members: list[Member],
+    tenant: str,
+    band: Band = Band.DEFAULT,
+    cost: float = 1.0,
+    weight: float = 1.0,
+    size: int = 10,
+) -> Ticket[Member]:
+    return Ticket(tenant, weight, band, cost, size, _first_with_room(members))
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_higher_band_always_goes_first() -> None:
+    members = [_member(1)]
+    scheduler = _scheduler(members)
+    holder = await scheduler.acquire(_ticket(members, "h"))
+    order: list[str] = []
+
+    async def wait(tenant: str, band: Band) -> None:
+        grant = await scheduler.acquire(_ticket(members, tenant, band))
+        order.append(tenant)
+        grant.release()
+
+    tasks = [
+        asyncio.create_task(wait("bulk", Band.FLEX)),
+        asyncio.create_task(wait("chat", Band.DEFAULT)),
+        asyncio.create_task(wait("vip", Band.PRIORITY)),
+        asyncio.create_task(wait("chat2", Band.DEFAULT)),
+    ]
+    await _settle()
+    assert scheduler.queued == 4 and order == []
+    holder.release()
+    await asyncio.gather(*tasks)
+    assert order[0] == "vip" and order[-1] == "bulk", order
+    assert scheduler.queued == 0 and members[0].granted == 0
+
+
+async def _serve_backlog(scheduler: Scheduler[Member], tickets: list[Ticket[Member]], slots: int) -> dict[str, float]:
+    """Every ticket waits behind `slots` held slots; then each dispatched request is released at once. Returns
+    the cost served per tenant over the first half of the dispatches (while both tenants are still backlogged)."""
+    members = scheduler.members()
+    holders = [await scheduler.acquire(_ticket(list(members), "holder")) for _ in range(slots)]
+    served: list[tuple[str, float]] = []
+
+    async def wait(ticket: Ticket[Member]) -> None:
+        grant = await scheduler.acquire(ticket)
+        served.append((ticket.tenant, ticket.cost))
+        await asyncio.sleep(0)
+        grant.release()
+
+    tasks = [asyncio.create_task(wait(t)) for t in tickets]
+    await _settle()
+    for holder in holders:
+        holder.release()
+    await asyncio.gather(*tasks)
+    half = served[: len(served) // 2]
+    totals: dict[str, float] = {}
+    for tenant, cost in half:
+        totals[tenant] = totals.get(tenant, 0.0) + cost
+    return totals
+
+
+async def test_two_backlogged_tenants_get_equal_tokens_whatever_their_request_sizes() -> None:
+    members = [_member(1)]
+    scheduler = _scheduler(members)
+    big = [_ticket(members, "big", cost=100.0) for _ in range(60)]
+    small = [_ticket(members, "small", cost=10.0) for _ in range(600)]
+    mixed = [t for pair in zip(big, small[:60], strict=True) for t in pair] + small[60:]
+    totals = await _serve_backlog(scheduler, mixed, slots=1)
+    share = totals["big"] / (totals["big"] + totals["small"])
+    assert 0.45 <= share <= 0.55, totals  # by request count, big would have had 10x the tokens
+
+
+async def test_weights_divide_the_tokens_two_to_one() -> None:
+    members = [_member(1)]
+    scheduler = _scheduler(members)
+    heavy = [_ticket(members, "gold", cost=10.0, weight=2.0) for _ in range(300)]
+    light = [_ticket(members, "free", cost=10.0) for _ in range(300)]
+    totals = await _serve_backlog(scheduler, [t for p in zip(heavy, light, strict=True) for t in p], slots=1)
+    ratio = totals["gold"] / totals["free"]
+    assert 1.8 <= ratio <= 2.2, totals
+
+
+async def test_output_tokens_count_against_the_tenant_as_they_stream() -> None:
+    members = [_member(1)]
+    scheduler = _scheduler(members)
+    grant = await scheduler.acquire(_ticket(members, "a", cost=5.0))
+    grant.charge_output(3)
+    grant.charge_output(4)
+    assert scheduler.counters.value("a") == 12.0
+    grant.free()  # the replica is done; the client still reads
+    assert members[0].granted == 0
+    grant.release(completion_tokens=10)  # the usage report corrects the count of stream events
+    assert scheduler.counters.value("a") == 15.0 and members[0].granted == 0
+
+
+async def test_a_tenant_that_was_idle_banks_no_credit() -> None:
+    """The lift rule: a tenant joining the backlog starts at the smallest backlogged counter, so having been
+    idle while another tenant was served does not buy it a run of dispatches ahead of everyone."""
+    members = [_member(1)]
+    scheduler = _scheduler(members)
+    for _ in range(50):  # `busy` alone: its counter climbs to 500
+        grant = await scheduler.acquire(_ticket(members, "busy", cost=10.0))
+        grant.release()
+    assert scheduler.counters.value("busy") == 500.0
+    holder = await scheduler.acquire(_ticket(members, "busy", cost=10.0))
+    order: list[str] = []
+
+    async def wait(ticket: Ticket[Member]) -> None:
+        grant = await scheduler.acquire(ticket)
+        order.append(ticket.tenant)
+        await asyncio.sleep(0)
+        grant.release()
+
+    busy = [asyncio.create_task(wait(_ticket(members, "busy", cost=10.0))) for _ in range(10)]
+    await _settle()
+    late = [asyncio.create_task(wait(_ticket(members, "late", cost=10.0))) for _ in range(10)]
+    await _settle()
+    assert scheduler.counters.value("late") >= 500.0, "lifted to the backlog's smallest counter"
+    holder.release()
+    await asyncio.gather(*busy, *late)
+    first_ten = order[:10]
+    assert 3 <= first_ten.count("late") <= 7, order  # they alternate; without the lift `late` would take all ten
+
+
+async def test_a_client_that_leaves_while_queued_takes_nothing() -> None:
+    members = [_member(1)]
+    scheduler = _scheduler(members)
+    holder = await scheduler.acquire(_ticket(members, "a"))
+    hung_up = asyncio.Event()
+
+    async def gone() -> None:
+        await hung_up.wait()
+
+    waiting = asyncio.create_task(scheduler.acquire(_ticket(members, "b"), gone))
+    nxt = asyncio.create_task(scheduler.acquire(_ticket(members, "c")))
+    await _settle()
+    assert scheduler.queued == 2
+    hung_up.set()
+    with pytest.raises(ClientGone):
+        await waiting
+    assert scheduler.queued == 1 and members[0].granted == 1
+    holder.release()
+    grant = await nxt
+    assert grant.replica is members[0] and members[0].granted == 1
+    grant.release()
+    assert members[0].granted == 0 and scheduler.queued == 0
+
+
+async def test_bounds_refuse_at_once_and_budgets_expire() -> None:
+    members = [_member(1)]
+    scheduler = _scheduler(members, max_requests=2, max_bytes=100, budget=0.2)
+    holder = await scheduler.acquire(_ticket(members, "a"))
+    first = asyncio.create_task(scheduler.acquire(_ticket(members, "a", size=60)))
+    await _settle()
+    with pytest.raises(RateLimited):
+        await scheduler.acquire(_ticket(members, "b", size=60))  # over the bytes bound
+    second = asyncio.create_task(scheduler.acquire(_ticket(members, "b", size=10)))
+    await _settle()
+    with pytest.raises(RateLimited):
+        await scheduler.acquire(_ticket(members, "c", size=1))  # over the count bound
+    for task in (first, second):
+        with pytest.raises(ServiceUnavailable) as refused:
+            await task
+        assert refused.value.headers["Retry-After"] == "2"
+    assert scheduler.queued == 0
+    holder.release()
+    assert members[0].granted == 0
+
+
+async def test_no_replica_up_answers_at_once_and_a_returning_one_takes_the_queue() -> None:
+    members = [_member(1)]
+    scheduler = _scheduler(members)
+    members[0].up = False
+    grant = await scheduler.acquire(_ticket(members, "a"))
+    assert grant.replica is None  # the client's failover path answers why (503)
+    members[0].up = True
+    holder = await scheduler.acquire(_ticket(members, "a"))
+    queued = asyncio.create_task(scheduler.acquire(_ticket(members, "b")))
+    await _settle()
+    members.append(_member(1))  # a replica joins (discovery): dispatch runs on the change
+    scheduler.dispatch()
+    assert (await queued).replica is members[1]
+    holder.release()
+
+
+async def test_a_request_pinned_to_a_full_replica_does_not_block_others() -> None:
+    members = [_member(1), _member(1)]
+    scheduler = _scheduler(members)
+    on_first = await scheduler.acquire(_ticket(members, "a"))
+    on_second = await scheduler.acquire(_ticket(members, "a"))
+    pinned = Ticket("p", 1.0, Band.DEFAULT, 1.0, 1, lambda room: members[0] if room(members[0]) else None)
+    pinned_task = asyncio.create_task(scheduler.acquire(pinned))
+    other = asyncio.create_task(scheduler.acquire(_ticket(members, "q")))
+    await _settle()
+    on_second.release()
+    assert (await other).replica is members[1] and not pinned_task.done()
+    on_first.release()
+    assert (await pinned_task).replica is members[0]
+
+
+def test_band_for_maps_tiers_and_refuses_above_the_ceiling() -> None:
+    assert band_for(None, "default", "default") is Band.DEFAULT
+    assert band_for("auto", "flex", "default") is Band.FLEX
+    assert band_for("flex", "default", "default") is Band.FLEX
+    assert band_for("priority", "default", "priority") is Band.PRIORITY
+    with pytest.raises(PermissionDenied) as refused:
+        band_for("priority", "default", "default")
+    assert refused.value.param == "service_tier"
+    with pytest.raises(PermissionDenied):
+        band_for("default", "flex", "flex")
+
+
+def test_the_limit_starts_small_doubles_then_backs_off_to_what_the_engine_ran() -> None:
+    limit = AdaptiveLimit(4, 1, 64)
+    limit.observe(0, holding=2)
+    assert limit.value == 4, "not binding: no evidence for more"
+    limit.observe(0, holding=4)
+    assert limit.value == 8
+    limit.observe(None, holding=8)  # no report: assumed unqueued
+    assert limit.value == 16
+    limit.observe(3, holding=16)  # the engine ran 13 of the 16
+    assert limit.value == 13 and not limit.slow_start
+    limit.observe(2, holding=16)
+    assert limit.value == 13, "still draining the queue the cut answered: no second cut"
+    limit.observe(0, holding=13, running=9)
+    assert limit.value == 13, "the engine runs fewer than the limit allows: no evidence for more"
+    limit.observe(0, holding=13, running=13)
+    assert limit.value == 14, "additive after the first cut"
+    limit.observe(9, holding=14)
+    assert limit.value == 10, "never below BACKOFF of itself in one cut (several gateways see one queue)"
+
+
+def test_the_limit_stays_within_floor_and_cap() -> None:
+    limit = AdaptiveLimit(2, 2, 5)
+    for _ in range(5):
+        limit.observe(0, holding=limit.value)
+    assert limit.value == 5
+    for _ in range(10):
+        limit.observe(50, holding=limit.value)
+    assert limit.value == 2
+
+
+def test_engine_gauges_sum_the_engines_and_ignore_look_alikes() -> None:
+    exposition = (
+        b"\n# HELP vllm:num_requests_waiting Number of requests waiting.\n"
+        b'vllm:num_requests_waiting{engine="0",model_name="m"} 3.0\n'
+        b'vllm:num_requests_waiting{engine="1",model_name="m"} 2.0\n'
+        b'vllm:num_requests_waiting_by_reason{reason="capacity"} 40.0\n'
+        b"vllm:num_requests_running 4.0\n"
+    )
+    assert engine_gauge(exposition, WAITING) == 5.0
+    assert engine_gauge(exposition, RUNNING) == 4.0
+    assert engine_gauge(b"\nvllm:num_requests_running 4.0\n", WAITING) is None
+    assert engine_gauge(b"\nvllm:num_requests_waiting{} NaN\n", WAITING) is None
+
+
+async def test_flex_leaves_its_reserve_for_interactive_arrivals() -> None:
+    members = [_member(4)]
+    scheduler = _scheduler(members)
+    scheduler.flex_reserve = 1
+    bulk = [await scheduler.acquire(_ticket(members, "bulk", Band.FLEX)) for _ in range(3)]
+    fourth = asyncio.create_task(scheduler.acquire(_ticket(members, "bulk", Band.FLEX)))
+    await _settle()
+    assert not fourth.done() and members[0].granted == 3
+    chat = await scheduler.acquire(_ticket(members, "chat"))
+    assert chat.replica is members[0], "the reserved slot takes a default request at once"
+    chat.release()
+    bulk[0].release()
+    assert (await fourth).replica is members[0]
