@@ -141,6 +141,9 @@ class PoolScheduling(BaseModel):
     # at once rather than after a bulk request ends (nothing is preempted on a replica).
     flex_reserve: int = Field(1, ge=0, le=100_000)
     probe_interval: float = Field(0.5, gt=0, le=60)  # how often a binding replica's engine queue is read
+    # Requests each engine may hold waiting beyond its batch: one replaces a finished sequence without a round
+    # trip to the gateway; every one more is a request a newcomer may wait behind in the engine's own queue.
+    engine_queue: int = Field(1, ge=0, le=1024)
 
     @model_validator(mode="after")
     def _ordered(self) -> PoolScheduling:

@@ -201,7 +201,7 @@ class CompletionsEndpoint:
                     opened.lease.settle(Verdict.ABANDONED)  # only if the relay raised: a lease settles once
                     replicas.visual_tokens.dec(visual_tokens)
             finally:
-                grant.release(outcome.completion_tokens)
+                grant.release(outcome.prompt_tokens, outcome.completion_tokens)
             status = outcome.status
             if span is not None:
                 span.set_attributes(

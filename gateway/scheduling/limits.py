@@ -1,19 +1,21 @@
 """One replica's in-flight limit, adapted to what its engine says about its own queue.
 
 The gateway can only order work it still holds: every request it lets through joins vLLM's first-come-first-served
-queue. So each replica gets a limit that keeps its engine just saturated and no more. The rule is TCP's congestion
-window, with vLLM's `vllm:num_requests_waiting` as the loss signal, read from the replica's `/metrics` every probe
-interval while the limit matters (gateway/upstream/engine_load.py):
+queue. So each replica gets a limit that keeps its engine just saturated: its batch full and at most `queue_target`
+requests waiting inside it (one by default, so that a finished sequence is replaced at once, without a round trip
+to the gateway, while a newly arrived request still waits behind no more than that). The rule is TCP's congestion
+window, with vLLM's `vllm:num_requests_waiting` as the loss signal, read with `vllm:num_requests_running` from the
+replica's `/metrics` every probe interval while the limit matters (gateway/upstream/engine_load.py):
 
-- slow start: while the limit is binding (the replica holds as many requests as it may, and its engine runs at
-  least that many) and the engine reports no waiting request, each report doubles it; a limit the engine is not
-  running up to (requests still on their way, or finished and still being read out to slow clients) is no
+- slow start: while the limit is binding (the replica holds as many requests as it may, and its engine runs all
+  of them but the target queue) and the engine has no waiting request, each report doubles it; a limit the engine
+  does not run up to (requests still on their way, or finished and still being read out to slow clients) is no
   evidence that it could run more;
-- once the engine reports a queue, the limit is cut to what the engine was running (what this gateway held less
-  what waited), never below `BACKOFF` of itself; a cut takes effect only when the replica holds no more than its
-  new limit, so no second cut is made on the same queue while it drains;
-- after the first cut it grows by one per report while binding and unqueued: additive increase, multiplicative
-  decrease, which keeps the engine's own queue near empty and its batch full.
+- once the engine queues more than the target, the limit is cut to what the engine ran plus the target, never
+  below `BACKOFF` of itself; a cut takes effect only when the replica holds no more than its new limit, so no
+  second cut is made on the same queue while it drains;
+- after the first cut it grows by one per report under the same conditions: additive increase, multiplicative
+  decrease.
 
 Several gateways in front of the same replicas read the same engine queue, so they back off together and
 converge without talking to each other. A replica that never reports is assumed unqueued: its limit then grows to
@@ -30,11 +32,12 @@ BACKOFF = 0.75
 
 
 class AdaptiveLimit:
-    __slots__ = ("_gauge", "cap", "floor", "slow_start", "value")
+    __slots__ = ("_gauge", "cap", "floor", "queue_target", "slow_start", "value")
 
-    def __init__(self, initial: int, floor: int, cap: int, gauge: Gauge | None = None) -> None:
+    def __init__(self, initial: int, floor: int, cap: int, gauge: Gauge | None = None, queue_target: int = 0) -> None:
         self.floor = floor
         self.cap = cap
+        self.queue_target = queue_target
         self.value = max(floor, min(initial, cap))
         self.slow_start = True
         self._gauge = gauge
@@ -43,14 +46,20 @@ class AdaptiveLimit:
     def observe(self, waiting: float | None, holding: int, running: float | None = None) -> None:
         """One report: `waiting` and `running` in the engine (None: the replica said nothing), `holding` the
         requests this gateway had on the replica when it asked."""
-        if waiting is not None and waiting >= 1:
+        target = self.queue_target
+        if waiting is not None and waiting > target:
             if holding > self.value:
                 return  # the last cut has not taken effect yet: this queue is the one it answered
-            fits = max(holding - math.ceil(waiting), math.floor(self.value * BACKOFF))
+            fits = max(holding - math.ceil(waiting) + target, math.floor(self.value * BACKOFF))
             self.value = max(self.floor, min(self.value - 1, fits))
             self.slow_start = False
-        elif holding < self.value or self.value >= self.cap or (running is not None and running < self.value):
-            return  # not binding: a report at partial load says nothing about more
+        elif (
+            (waiting is not None and waiting >= 1)
+            or holding < self.value
+            or self.value >= self.cap
+            or (running is not None and running < self.value - target)
+        ):
+            return  # at the target, or not binding: a report at partial load says nothing about more
         else:
             self.value = min(self.cap, self.value * 2 if self.slow_start else self.value + 1)
         self._publish()
@@ -58,3 +67,8 @@ class AdaptiveLimit:
     def _publish(self) -> None:
         if self._gauge is not None:
             self._gauge.set(self.value)
+
+    @property
+    def running_share(self) -> int:
+        """The slots the engine runs (the limit less the queue it is allowed): what flex work may count on."""
+        return max(1, self.value - self.queue_target)

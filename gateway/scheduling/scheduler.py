@@ -112,12 +112,15 @@ class Grant(Generic[R]):
         if self._scheduler is not None and self.replica is not None:
             self._scheduler.returned(self.replica)
 
-    def release(self, completion_tokens: int = 0) -> None:
-        """The request is over: `completion_tokens` (the replica's usage report, when it sent one) corrects what
-        was counted from the stream's events, and the slot is given back if it was not yet."""
+    def release(self, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+        """The request is over: the replica's usage report, when it sent one, corrects the prompt's estimate (the
+        chat template's tokens are not in it) and the output counted from the stream's events; the slot is given
+        back if it was not yet."""
+        if self._scheduler is not None and prompt_tokens:
+            ticket = self._ticket
+            self._scheduler.counters.charge(ticket.tenant, prompt_tokens - ticket.cost, ticket.weight)
         if completion_tokens:
             self.charge_output(completion_tokens - self._charged)
-            self._charged = completion_tokens
         self.free()
 
 
@@ -152,10 +155,11 @@ class Scheduler(Generic[R]):
         return member.granted < member.limit.value and member.available(time.monotonic())
 
     def flex_room(self, member: R) -> bool:
-        """Flex work leaves `flex_reserve` of a replica's slots free (a limit of one stays usable): a request of a
-        higher band that arrives then starts at once instead of waiting for a flex request to finish."""
-        limit = member.limit.value
-        return member.granted < max(1, limit - self.flex_reserve) and member.available(time.monotonic())
+        """Flex work leaves `flex_reserve` of the slots the engine runs free (and no request waiting in it; a
+        limit of one stays usable): a request of a higher band that arrives then starts at once instead of waiting
+        for a flex request to finish."""
+        running = member.limit.running_share
+        return member.granted < max(1, running - self.flex_reserve) and member.available(time.monotonic())
 
     def _room_for(self, band: Band) -> Callable[[R], bool]:
         return self.flex_room if band is Band.FLEX else self.room

@@ -91,6 +91,7 @@ class ReplicaSet:
             scheduling.min_limit,
             scheduling.max_limit,
             metrics.replica_limit.labels(name, url) if scheduling.enabled else None,
+            scheduling.engine_queue,
         )
         replica = Replica(
             name, url, metrics.replica_healthy.labels(name, url), metrics.replica_outstanding.labels(name, url), limit

@@ -233,3 +233,23 @@ async def test_refused_photos_leave_no_memory_behind_and_shedding_recovers(
         assert recovered, httpx.get(f"{gateway.base_url}/health/ready").text
         assert (await _post(gateway, CHAT)).status_code == 200
         assert fake_a.hits == 1, "no refused photo reached the replica"
+
+
+async def test_a_client_that_hangs_up_while_queued_reaches_no_replica(
+    tmp_path: Path, log_dir: Path, fake_a: FakeVllm
+) -> None:
+    """CASES G2: the request leaves the gateway's queue with its client; nothing is sent to the replica."""
+    fake_a.behaviour = Behaviour(chunks=30, chunk_delay=0.1)  # the one slot is held ~3 s
+    args = _config(tmp_path, fake_a, {"max_inflight": 1, "queue_timeout": 30})
+    queued = {"model": "m", "band": "default"}
+    async with run_gateway_async(args, log_dir) as gateway:
+        holder = asyncio.create_task(_post(gateway, {**CHAT, "stream": True}))
+        assert await _eventually(lambda: fake_a.hits == 1, 5)
+        leaving = asyncio.create_task(_post(gateway, CHAT))
+        assert await _eventually(lambda: gateway.metric("gateway_queue_requests", queued) == 1, 5)
+        leaving.cancel()  # the client closes its connection while its request waits
+        assert await _eventually(lambda: gateway.metric("gateway_queue_requests", queued) == 0, 5)
+        assert (await holder).status_code == 200
+        assert fake_a.hits == 1, "the request that left was never sent"
+        assert (await _post(gateway, CHAT)).status_code == 200 and fake_a.hits == 2
+        assert gateway.metric("gateway_requests_total", {"status": "499"}) == 1

@@ -146,8 +146,8 @@ async def test_output_tokens_count_against_the_tenant_as_they_stream() -> None:
     assert scheduler.counters.value("a") == 12.0
     grant.free()  # the replica is done; the client still reads
     assert members[0].granted == 0
-    grant.release(completion_tokens=10)  # the usage report corrects the count of stream events
-    assert scheduler.counters.value("a") == 15.0 and members[0].granted == 0
+    grant.release(prompt_tokens=9, completion_tokens=10)  # the usage report corrects both estimates
+    assert scheduler.counters.value("a") == 19.0 and members[0].granted == 0
 
 
 async def test_a_tenant_that_was_idle_banks_no_credit() -> None:
@@ -285,6 +285,20 @@ def test_the_limit_starts_small_doubles_then_backs_off_to_what_the_engine_ran() 
     assert limit.value == 14, "additive after the first cut"
     limit.observe(9, holding=14)
     assert limit.value == 10, "never below BACKOFF of itself in one cut (several gateways see one queue)"
+
+
+def test_the_limit_lets_the_engine_keep_its_target_queue() -> None:
+    limit = AdaptiveLimit(4, 1, 64, queue_target=1)
+    limit.observe(0, holding=4, running=2)
+    assert limit.value == 4, "the engine runs fewer than the limit less its queue"
+    limit.observe(0, holding=4, running=4)
+    assert limit.value == 8
+    limit.observe(4, holding=8, running=4)
+    assert limit.value == 6 and limit.running_share == 5, "cut to what it ran plus the target (not below 3/4)"
+    limit.observe(2, holding=6, running=4)
+    assert limit.value == 5
+    limit.observe(1, holding=5, running=4)
+    assert limit.value == 5, "at the target: stable"
 
 
 def test_the_limit_stays_within_floor_and_cap() -> None:
