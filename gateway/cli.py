@@ -88,6 +88,7 @@ def _index_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     add.add_argument("--api-key", help="a key with the write scope (admin too, to create the collection)")
     add.add_argument("--captions", type=Path, help="file,caption CSV or JSON lines with file/caption")
     add.add_argument("--batch-size", type=int, default=16)
+    add.add_argument("--follow-links", action="store_true", help="follow symlinks that lead out of the folder")
     export = actions.add_parser("export", help="archive one collection (FAISS: safe while the gateway runs)")
     _engine_arguments(export)
     export.add_argument("--collection", required=True)
@@ -119,10 +120,17 @@ def _run_index(args: argparse.Namespace) -> None:
         from gateway.search.ingest import ingest
 
         result = ingest(
-            args.source, args.collection, args.url, args.api_key, captions=args.captions, batch_size=args.batch_size
+            args.source,
+            args.collection,
+            args.url,
+            args.api_key,
+            captions=args.captions,
+            batch_size=args.batch_size,
+            follow_links=args.follow_links,
         )
         print(
-            f"indexed {result.sent} images into '{args.collection}' ({result.skipped} already done) "
+            f"indexed {result.sent} images into '{args.collection}' ({result.skipped} already done, "
+            f"{result.not_images} not images, {result.outside} links out of the folder not followed) "
             f"in {result.seconds:.1f}s: {result.rate:.1f} images/s"
         )
     elif args.milvus_uri is not None:

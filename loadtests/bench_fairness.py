@@ -11,6 +11,8 @@ Each phase runs on one arm, then the other, with the same load:
               of each (prompt + output, from the replicas' usage reports) and Jain's index; total tokens/s
   weights     the same with the big tenant's key weighted 2: its share should be 2/3
   flex        the light tenant while a flex-tier tenant keeps `--flood` requests open (bulk work)
+  throughput  one tenant alone keeps `--flood` text chats open: total tokens/s with nothing to share (what the
+              limit itself costs; the sizes phase's total also moves with how much of the small tenant is served)
 
 Goals (issue 26): light TTFT p50 under the flood <= 10x alone, every light request completed; equal token shares
 within 10% (2:1 within 10%); total tokens/s >= 0.95x FCFS; a flex flood raises the light p99 TTFT by <= 10%.
@@ -88,6 +90,8 @@ class Result:
 @dataclass
 class Tally:
     results: dict[str, list[Result]] = field(default_factory=dict)
+    served: dict[str, float] = field(default_factory=dict)
+    limits: list[tuple[float, float]] = field(default_factory=list)  # (replica limit, queued at the gateway)
 
     def add(self, who: str, result: Result) -> None:
         self.results.setdefault(who, []).append(result)
@@ -150,6 +154,10 @@ async def phase(url: str, name: str, seconds: float, flood: int) -> Tally:
             await asyncio.sleep(1.0)  # the background fills the replica first
             until += 1.0
             work.append(paced(http, "light", "sk-light", 0.5, until, tally))
+        elif name == "throughput":
+            for w in range(flood):
+                make = lambda n, w=w: chat(f"Write about {w}-{n}.", 48)  # noqa: E731
+                work.append(closed_loop(http, "big", "sk-flood", make, until, tally))
         else:
             big_key = "sk-big" if name == "sizes" else "sk-big2"
             for _ in range(12):
@@ -157,9 +165,41 @@ async def phase(url: str, name: str, seconds: float, flood: int) -> Tally:
                 work.append(
                     closed_loop(http, "small", "sk-small", lambda n: chat(f"Tell a tale {n}.", 16), until, tally)
                 )
+        before = await served(http)
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(sample_scheduler(http, stop, tally))
         await asyncio.gather(*work)
+        stop.set()
+        await sampler
         tally.add("window", Result(ttft=seconds))
+        after = await served(http)
+        tally.served = {tenant: after.get(tenant, 0.0) - before.get(tenant, 0.0) for tenant in after}
     return tally
+
+
+async def sample_scheduler(http: httpx.AsyncClient, stop: asyncio.Event, tally: Tally) -> None:
+    """The replica's in-flight limit and the requests waiting at the gateway, twice a second (scheduler arm)."""
+    while not stop.is_set():
+        exposition = (await http.get("/metrics")).text
+        limit = queued = 0.0
+        for line in exposition.splitlines():
+            if line.startswith("gateway_replica_inflight_limit{"):
+                limit = float(line.rsplit(" ", 1)[1])
+            elif line.startswith("gateway_queue_requests{"):
+                queued += float(line.rsplit(" ", 1)[1])
+        tally.limits.append((limit, queued))
+        await asyncio.sleep(0.5)
+
+
+async def served(http: httpx.AsyncClient) -> dict[str, float]:
+    """The gateway's own count of tokens served per tenant (what its fair share equalises)."""
+    exposition = (await http.get("/metrics")).text
+    counts: dict[str, float] = {}
+    for line in exposition.splitlines():
+        if line.startswith("gateway_tenant_tokens_total{"):
+            tenant = line.split('tenant="', 1)[1].split('"', 1)[0]
+            counts[tenant] = counts.get(tenant, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
 
 
 def p(values: list[float], q: float) -> float:
@@ -219,7 +259,7 @@ def main() -> None:
                 process.wait_ready(30)
             arms = {"fcfs": gateways[0][1], "scheduler": gateways[1][1]}
             results: dict[tuple[str, str], Tally] = {}
-            for name in ("alone", "flood", "sizes", "weights", "flex"):
+            for name in ("alone", "flood", "sizes", "weights", "flex", "throughput"):
                 for arm, url in arms.items():
                     results[(arm, name)] = asyncio.run(phase(url, name, args.seconds, args.flood))
                     print(f"done: {arm} {name}", file=sys.stderr)
@@ -278,14 +318,42 @@ def report(results: dict[tuple[str, str], Tally], args: argparse.Namespace) -> N
         f"{weights['scheduler'][0]:.2f} / {weights['scheduler'][1]:.2f}",
         "0.67 / 0.33 within 10%",
     )
+    for name, pair in (("sizes", ("big", "small")), ("weights", ("big2", "small"))):
+        counted = results[("scheduler", name)].served
+        big, small = (counted.get(t, 0.0) for t in pair)
+        row(
+            f"{name}: big / small share of the gateway's own token count",
+            "-",
+            f"{big / max(big + small, 1):.2f} / {small / max(big + small, 1):.2f}",
+        )
     row(
-        "total tokens/s (sizes phase)",
+        "total tokens/s, sizes phase (a different mix is served)",
         f"{sizes['fcfs'][3]:.0f}",
         f"{sizes['scheduler'][3]:.0f} ({sizes['scheduler'][3] / sizes['fcfs'][3]:.2f}x)",
+    )
+    alone_tps = {arm: shares(results[(arm, "throughput")], args.seconds)[3] for arm in ("fcfs", "scheduler")}
+    row(
+        "total tokens/s, one tenant (throughput phase)",
+        f"{alone_tps['fcfs']:.0f}",
+        f"{alone_tps['scheduler']:.0f} ({alone_tps['scheduler'] / alone_tps['fcfs']:.2f}x)",
         ">= 0.95x FCFS",
     )
+    for name in ("flood", "sizes", "weights", "flex", "throughput"):
+        samples = results[("scheduler", name)].limits
+        if samples:
+            limits, queued = sorted(s[0] for s in samples), sorted(s[1] for s in samples)
+            row(
+                f"{name}: replica limit median (max) / queued at the gateway median",
+                "-",
+                f"{limits[len(limits) // 2]:.0f} ({limits[-1]:.0f}) / {queued[len(queued) // 2]:.0f}",
+            )
     flex = {arm: ttfts(arm, "flex") for arm in ("fcfs", "scheduler")}
     base = {arm: ttfts(arm, "alone") for arm in ("fcfs", "scheduler")}
+    row(
+        "light TTFT p50 alone / under a flex flood (ms)",
+        f"{p(base['fcfs'], 0.5) * 1000:.0f} / {p(flex['fcfs'], 0.5) * 1000:.0f}",
+        f"{p(base['scheduler'], 0.5) * 1000:.0f} / {p(flex['scheduler'], 0.5) * 1000:.0f}",
+    )
     row(
         "light TTFT p99 alone / under a flex flood (ms)",
         f"{p(base['fcfs'], 0.99) * 1000:.0f} / {p(flex['fcfs'], 0.99) * 1000:.0f}",

@@ -7,6 +7,7 @@ engine-steering fields, media counts and the context budget.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -38,6 +39,8 @@ class Request(Protocol):
     def model_extra(self) -> dict[str, Any] | None: ...
 
     def texts(self) -> Iterator[str]: ...
+
+    def schemas(self) -> list[Any]: ...
 
     def text_chars(self) -> int: ...
 
@@ -135,7 +138,11 @@ def _check_reserved_tokens(request: Request, pool: ModelPool) -> None:
     tokenizer would read them as roles or media placeholders), and so are placeholder ids in token prompts."""
     pattern = _reserved_pattern(tuple(pool.reserved_tokens))
     if pattern is not None:
-        for text in request.texts():
+        # The JSON schemas a template renders (tool parameters, response formats) are read by the model too: one
+        # search over their serialised text covers every key and string in them (their size is bounded).
+        schemas = request.schemas()
+        rendered = orjson.dumps(schemas).decode() if schemas else ""
+        for text in itertools.chain(request.texts(), (rendered,)):
             found = pattern.search(text)
             if found is not None:
                 raise InvalidRequest(

@@ -190,11 +190,8 @@ class ChatCompletionRequest(SamplingParams):
 
     @model_validator(mode="after")
     def _schemas_together(self) -> ChatCompletionRequest:
-        schemas = [tool.function.parameters for tool in self.tools or ()]
-        if self.response_format is not None:
-            schemas.append(self.response_format.json_schema)
         # Walked once here; the context check and the token estimate read the stored size.
-        self._schema_chars = sum(json_size(schema) for schema in schemas if schema)
+        self._schema_chars = sum(json_size(schema) for schema in self.schemas())
         if self._schema_chars > MAX_REQUEST_SCHEMA_CHARS:
             raise ValueError(
                 f"the request's tool and response schemas may be {MAX_REQUEST_SCHEMA_CHARS} characters in all"
@@ -203,6 +200,13 @@ class ChatCompletionRequest(SamplingParams):
 
     def schema_chars(self) -> int:
         return self._schema_chars
+
+    def schemas(self) -> list[Any]:
+        """The JSON schemas the model is shown: tool parameters and the response format's."""
+        schemas = [tool.function.parameters for tool in self.tools or ()]
+        if self.response_format is not None:
+            schemas.append(self.response_format.json_schema)
+        return [schema for schema in schemas if schema]
 
     def texts(self) -> Iterator[str]:
         """Every text the model reads: each message's, and the tools' names and descriptions."""
@@ -232,6 +236,9 @@ class CompletionRequest(SamplingParams):
     echo: bool | None = None
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = Field(None, max_length=64 * 1024)
+
+    def schemas(self) -> list[Any]:
+        return []
 
     def texts(self) -> Iterator[str]:
         prompt = self.prompt

@@ -206,7 +206,7 @@ async def ground(
         if as_image:
             images.append({"type": "image_url", "image_url": {"url": url}})
         if caption:
-            text = caption[:MAX_CAPTION_CHARS].replace("\n", " ")
+            text = " ".join(caption[:MAX_CAPTION_CHARS].splitlines())  # every line break: \r, \u2028, \x85 ...
             lines.append(f"> [{len(lines) + 1}] {neutralise(text) if neutralise else text}")
         if as_image or caption:
             thumbnail = metadata.get("thumbnail")

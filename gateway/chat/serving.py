@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import orjson
 from opentelemetry.trace import get_current_span
 
+from gateway.access.limits import Limiter
 from gateway.asgi import Message, Receive, Send, read_body, send_error, with_headers
 from gateway.chat.checks import (
     ChatMedia,
@@ -31,17 +32,35 @@ from gateway.chat.checks import (
     revalidate,
 )
 from gateway.chat.protocol import ChatCompletionRequest, CompletionRequest
-from gateway.chat.retrieval import LocalRetriever, RemoteRetriever, Retriever, ground
+from gateway.chat.retrieval import Retriever, ground
+from gateway.config import Settings
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, ServiceUnavailable
 from gateway.media.images import PreparedMedia
-from gateway.metrics import UNKNOWN_MODEL
+from gateway.media.service import MediaPreparer
+from gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
+from gateway.provided import Provided
 from gateway.scheduling.bands import band_for
 from gateway.scheduling.scheduler import ClientGone, Ticket
-from gateway.server.state import GatewayState
+from gateway.tracing import Tracing
+from gateway.upstream.client import UpstreamClient
 from gateway.upstream.lease import Verdict
-from gateway.upstream.pool import Replica, ReplicaSet
+from gateway.upstream.pool import Pools, Replica, ReplicaSet
 from gateway.upstream.relay import RelayOutcome, chat_stream_error, relay
 from gateway.upstream.routing import affinity_key
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """What the generation endpoints need, made by the app's lifespan and passed to each endpoint it builds."""
+
+    settings: Settings
+    metrics: GatewayMetrics
+    pools: Pools
+    upstream: UpstreamClient
+    media: MediaPreparer
+    limiter: Limiter
+    tracing: Tracing
+    retriever: Retriever  # where a grounded chat searches: this process's index, or the retrieval service
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +88,7 @@ class Dialect(Protocol):
         self, request: Any, namespace: str, session: str | None, media: list[ChatMedia], prepared: list[PreparedMedia]
     ) -> bytes: ...
 
-    def placement(self, gateway: GatewayState, replicas: ReplicaSet, request: Any, namespace: str) -> Placement: ...
+    def placement(self, replicas: ReplicaSet, request: Any, namespace: str) -> Placement: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +111,7 @@ class ChatDialect:
     ) -> bytes:
         return routing_key(request, namespace, session, media, prepared)
 
-    def placement(self, gateway: GatewayState, replicas: ReplicaSet, request: Any, namespace: str) -> Placement:
+    def placement(self, replicas: ReplicaSet, request: Any, namespace: str) -> Placement:
         return Placement()
 
 
@@ -102,10 +121,11 @@ class CompletionsEndpoint:
 
     route: str
     dialect: Dialect
+    deps: Provided[Generation]
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        gateway: GatewayState = scope["app"].state.gateway
+        gateway = self.deps()
         metrics = gateway.metrics
         model_label = UNKNOWN_MODEL
         status = 500
@@ -118,14 +138,16 @@ class CompletionsEndpoint:
                 data, request = await asyncio.to_thread(parse_request, body, model_cls)
             else:
                 data, request = parse_request(body, model_cls)
-            replicas = gateway.pools.get(request.model)
+            identity = scope["state"]["identity"]
+            sees = None if "operator" in identity.scopes else identity.namespace
+            replicas = gateway.pools.get(request.model, sees)  # another namespace's adapter: not found
             if replicas is None:
                 raise ModelNotFound(f"The model '{request.model}' does not exist.", param="model")
             model_label = request.model
             grounding = None
             if getattr(request, "retrieval", None) is not None:
                 grounding = await ground(
-                    data, request, replicas.pool, retriever(gateway), scope, reserved_tokens_defused(replicas.pool)
+                    data, request, replicas.pool, gateway.retriever, scope, reserved_tokens_defused(replicas.pool)
                 )
                 data, request = await asyncio.to_thread(revalidate, data, model_cls)
             media = self.dialect.media(request)
@@ -133,10 +155,9 @@ class CompletionsEndpoint:
                 await asyncio.to_thread(check_against_pool, request, replicas.pool, media)
             else:
                 check_against_pool(request, replicas.pool, media)
-            identity = scope["state"]["identity"]
             namespace = identity.namespace
             band = band_for(request.service_tier, identity.service_tier, identity.max_service_tier)
-            placement = self.dialect.placement(gateway, replicas, request, namespace)
+            placement = self.dialect.placement(replicas, request, namespace)
             only = _eligible(replicas, request.model, placement.only)
         except GatewayError as error:
             metrics.rejections.labels(self.route, error.code or error.type).inc()
@@ -258,14 +279,6 @@ def _request_attributes(route: str, request: Request) -> dict[str, str | int | f
     if (wanted := request.requested_tokens()) is not None:
         attributes["gen_ai.request.max_tokens"] = wanted
     return attributes
-
-
-def retriever(gateway: GatewayState) -> Retriever:
-    """Where a grounded chat searches: this process's index, or in role proxy the retrieval service."""
-    settings = gateway.settings
-    if settings.role == "proxy" and settings.retrieval_url:
-        return RemoteRetriever(settings.retrieval_url, gateway.upstream.session)
-    return LocalRetriever(gateway.search)
 
 
 def _eligible(

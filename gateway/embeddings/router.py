@@ -1,14 +1,19 @@
+"""`POST /v1/embeddings`."""
+
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 
 from gateway.embeddings.protocol import EmbeddingRequest
-from gateway.server.state import GatewayState
+from gateway.embeddings.service import EmbeddingsService
+from gateway.provided import Provided
 
-router = APIRouter()
 
+def router(service: Provided[EmbeddingsService]) -> APIRouter:
+    routes = APIRouter()
 
-@router.post("/v1/embeddings")
-async def create_embeddings(body: EmbeddingRequest, request: Request) -> Response:
-    gateway: GatewayState = request.app.state.gateway
-    return Response(await gateway.embeddings.embed(body), media_type="application/json")
+    @routes.post("/v1/embeddings")
+    async def create_embeddings(body: EmbeddingRequest) -> Response:
+        return Response(await service().embed(body), media_type="application/json")
+
+    return routes

@@ -62,6 +62,8 @@ class ResponseIds:
         """The id's replica tag, if the id is one of ours, belongs to `namespace` and has not expired."""
         if not response_id.startswith(PREFIX) or len(response_id) != len(PREFIX) + 2 * _LENGTH:
             return None
+        if not response_id.islower():
+            return None  # one spelling, the minted one: vLLM would take upper-case hex for another id
         try:
             raw = bytes.fromhex(response_id[len(PREFIX) :])
         except ValueError:

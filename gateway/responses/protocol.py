@@ -176,15 +176,19 @@ class ResponsesRequest(CommonSampling):
 
     @model_validator(mode="after")
     def _schemas_together(self) -> ResponsesRequest:
-        schemas = [tool.parameters for tool in self.tools or ()]
-        if self.text is not None and self.text.format is not None:
-            schemas.append(self.text.format.schema_)
-        self._schema_chars = sum(json_size(schema) for schema in schemas if schema)
+        self._schema_chars = sum(json_size(schema) for schema in self.schemas())
         if self._schema_chars > MAX_REQUEST_SCHEMA_CHARS:
             raise ValueError(
                 f"the request's tool and text-format schemas may be {MAX_REQUEST_SCHEMA_CHARS} characters in all"
             )
         return self
+
+    def schemas(self) -> list[Any]:
+        """The JSON schemas the model is shown: tool parameters and the text format's."""
+        schemas = [tool.parameters for tool in self.tools or ()]
+        if self.text is not None and self.text.format is not None:
+            schemas.append(self.text.format.schema_)
+        return [schema for schema in schemas if schema]
 
     def texts(self) -> Iterator[str]:
         """Every text the model reads: instructions, each input item's, the tools' names and descriptions."""

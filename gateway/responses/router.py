@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from starlette.routing import Route
 
-from gateway.chat.serving import CompletionsEndpoint
-from gateway.responses.serving import RESPONSES_DIALECT, StoredResponseEndpoint
+from gateway.chat.serving import CompletionsEndpoint, Generation
+from gateway.provided import Provided
+from gateway.responses.ids import ResponseIds
+from gateway.responses.serving import ResponsesDialect, StoredResponseEndpoint
 
-routes = [
-    Route("/v1/responses", CompletionsEndpoint("/v1/responses", RESPONSES_DIALECT), methods=["POST"]),
-    # A stored response lives on the replica that made it; only that replica is asked.
-    Route("/v1/responses/{response_id}", StoredResponseEndpoint(cancel=False), methods=["GET"]),
-    Route("/v1/responses/{response_id}/cancel", StoredResponseEndpoint(cancel=True), methods=["POST"]),
-]
+
+def routes(deps: Provided[Generation], ids: Provided[ResponseIds]) -> list[Route]:
+    return [
+        Route("/v1/responses", CompletionsEndpoint("/v1/responses", ResponsesDialect(ids), deps), methods=["POST"]),
+        # A stored response lives on the replica that made it; only that replica is asked.
+        Route("/v1/responses/{response_id}", StoredResponseEndpoint(False, deps, ids), methods=["GET"]),
+        Route("/v1/responses/{response_id}/cancel", StoredResponseEndpoint(True, deps, ids), methods=["POST"]),
+    ]

@@ -18,13 +18,14 @@ import orjson
 
 from gateway.asgi import Message, Receive, Send, send_error
 from gateway.chat.checks import ChatMedia
-from gateway.chat.serving import Placement
+from gateway.chat.serving import Generation, Placement
 from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.media.images import PreparedMedia
 from gateway.media.service import MediaPart
+from gateway.metrics import UNKNOWN_MODEL
+from gateway.provided import Provided
 from gateway.responses.ids import ResolvedId, ResponseIds
 from gateway.responses.protocol import MAX_RESPONSE_ID_CHARS, ResponsesRequest
-from gateway.server.state import GatewayState
 from gateway.upstream.lease import Verdict
 from gateway.upstream.pool import Replica, ReplicaSet
 from gateway.upstream.relay import relay
@@ -59,6 +60,7 @@ def with_request_id(body: bytes, response_id: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class ResponsesDialect:
+    ids: Provided[ResponseIds]  # mints each response's id (it names the replica and the namespace)
     model_cls: type[ResponsesRequest] = ResponsesRequest
 
     def stream_error(self, error: GatewayError, tail: bytes) -> bytes:
@@ -88,12 +90,10 @@ class ResponsesDialect:
         hashes = [item.sha256 for where, item in zip(media, prepared, strict=True) if where.message <= leading]
         return affinity_key(namespace, explicit, request.leading_texts(), hashes)
 
-    def placement(
-        self, gateway: GatewayState, replicas: ReplicaSet, request: ResponsesRequest, namespace: str
-    ) -> Placement:
+    def placement(self, replicas: ReplicaSet, request: ResponsesRequest, namespace: str) -> Placement:
         if "request_id" in (request.model_extra or {}):
             raise InvalidRequest("request_id is set by the gateway (it names the response).", param="request_id")
-        ids = gateway.response_ids
+        ids = self.ids()
         only = None
         if request.previous_response_id is not None:
             holder = _holder_in(ids, replicas, request.previous_response_id, namespace, "previous_response_id")
@@ -101,9 +101,6 @@ class ResponsesDialect:
         return Placement(
             only=only, body_for=lambda body, replica: with_request_id(body, ids.mint(namespace, replica.base_url))
         )
-
-
-RESPONSES_DIALECT = ResponsesDialect()
 
 
 def _pinned(holder: Replica) -> Callable[[Replica], bool]:
@@ -134,21 +131,23 @@ class StoredResponseEndpoint:
     """`GET /v1/responses/{id}` (optionally `?stream=true&starting_after=N`) and `POST .../cancel`."""
 
     cancel: bool
+    deps: Provided[Generation]
+    ids: Provided[ResponseIds]
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        gateway: GatewayState = scope["app"].state.gateway
+        gateway, ids = self.deps(), self.ids()
         metrics = gateway.metrics
         route = STORED_ROUTE + ("/cancel" if self.cancel else "")
-        status, model_label = 500, "unknown"
+        status, model_label = 500, UNKNOWN_MODEL
         try:
             response_id = scope["path_params"]["response_id"]
             namespace = scope["state"]["identity"].namespace
-            resolved = _resolve(gateway.response_ids, response_id, namespace, "response_id")
+            resolved = _resolve(ids, response_id, namespace, "response_id")
             found = [
                 (rs, holder)
                 for rs in gateway.pools.by_model.values()
-                if (holder := gateway.response_ids.holder(resolved, ((r.base_url, r) for r in rs.replicas)))
+                if (holder := ids.holder(resolved, ((r.base_url, r) for r in rs.replicas)))
             ]
             if not found:
                 raise _not_found(response_id, "response_id")

@@ -5,39 +5,51 @@ tenant's counter grows by the tokens it is served (prompt tokens when a request 
 visual tokens —, output tokens as they stream back), divided by its weight; the next request dispatched is the
 backlogged tenant's with the smallest counter. A tenant that becomes backlogged is first lifted to the smallest
 counter among backlogged tenants (or, with none, to the counter of the tenant that left the backlog last), so time
-spent idle banks no credit to spend in a burst later.
+spent idle banks no credit to spend in a burst later. A tenant whose backlog emptied less than `LIFT_GRACE`
+seconds before is not idle but between two requests (a client sending the next one as the last one ends): it
+keeps its counter, or each short gap would forfeit what it is owed (measured: 10:1 request sizes served 0.59 /
+0.41 with closed-loop clients on a loaded host, the short requests' tenant losing its credit at every gap).
 
 Tenants come from the configured keys only (a key's namespace, else the key itself), so the map is bounded.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from prometheus_client import Counter
+
+LIFT_GRACE = 1.0
 
 
 class TenantCounters:
     def __init__(self, served: Counter | None = None, model: str = "") -> None:
         self.counters: dict[str, float] = {}
         self._last_left = 0.0
+        self._left_at: dict[str, float] = {}
         self._served = served
         self._model = model
 
     def value(self, tenant: str) -> float:
         return self.counters.get(tenant, 0.0)
 
-    def lift(self, tenant: str, backlogged: Iterable[str]) -> None:
-        """`tenant` becomes backlogged: raise it to the smallest backlogged counter (or the last one to leave)."""
+    def lift(self, tenant: str, backlogged: Iterable[str], now: float | None = None) -> None:
+        """`tenant` becomes backlogged: raise it to the smallest backlogged counter (or the last one to leave),
+        unless it left the backlog within the grace."""
+        left_at = self._left_at.get(tenant)
+        if left_at is not None and (time.monotonic() if now is None else now) - left_at < LIFT_GRACE:
+            return
         floor = min((self.counters.get(other, 0.0) for other in backlogged if other != tenant), default=None)
         if floor is None:
             floor = self._last_left
         if self.counters.get(tenant, 0.0) < floor:
             self.counters[tenant] = floor
 
-    def left(self, tenant: str) -> None:
+    def left(self, tenant: str, now: float | None = None) -> None:
         """`tenant`'s backlog emptied: its counter is where a newly backlogged tenant starts when no other waits."""
         self._last_left = self.counters.get(tenant, 0.0)
+        self._left_at[tenant] = time.monotonic() if now is None else now
 
     def charge(self, tenant: str, tokens: float, weight: float) -> None:
         if tokens == 0:

@@ -2,8 +2,8 @@
 
 The gateway can only order work it still holds: every request it lets through joins vLLM's first-come-first-served
 queue. So each replica gets a limit that keeps its engine just saturated: its batch full and at most `queue_target`
-requests waiting inside it (one by default, so that a finished sequence is replaced at once, without a round trip
-to the gateway, while a newly arrived request still waits behind no more than that). The rule is TCP's congestion
+requests waiting inside it (none by default; one would replace a finished sequence without a round trip to the
+gateway, at the price of a newcomer waiting behind it). The rule is TCP's congestion
 window, with vLLM's `vllm:num_requests_waiting` as the loss signal, read with `vllm:num_requests_running` from the
 replica's `/metrics` every probe interval while the limit matters (gateway/upstream/engine_load.py):
 
@@ -32,12 +32,13 @@ BACKOFF = 0.75
 
 
 class AdaptiveLimit:
-    __slots__ = ("_gauge", "cap", "floor", "queue_target", "slow_start", "value")
+    __slots__ = ("_gauge", "batch", "cap", "floor", "queue_target", "slow_start", "value")
 
     def __init__(self, initial: int, floor: int, cap: int, gauge: Gauge | None = None, queue_target: int = 0) -> None:
         self.floor = floor
         self.cap = cap
         self.queue_target = queue_target
+        self.batch: int | None = None  # the most the engine ran while others waited in it: its batch, as seen
         self.value = max(floor, min(initial, cap))
         self.slow_start = True
         self._gauge = gauge
@@ -47,6 +48,8 @@ class AdaptiveLimit:
         """One report: `waiting` and `running` in the engine (None: the replica said nothing), `holding` the
         requests this gateway had on the replica when it asked."""
         target = self.queue_target
+        if waiting is not None and waiting >= 1 and running is not None and running >= 1:
+            self.batch = int(running)  # full: the engine runs all it can and queues the rest
         if waiting is not None and waiting > target:
             if holding > self.value:
                 return  # the last cut has not taken effect yet: this queue is the one it answered
@@ -70,5 +73,9 @@ class AdaptiveLimit:
 
     @property
     def running_share(self) -> int:
-        """The slots the engine runs (the limit less the queue it is allowed): what flex work may count on."""
-        return max(1, self.value - self.queue_target)
+        """The slots the engine runs: the limit less the queue it is allowed, and no more than the batch it was
+        seen to run when full (the limit probes one above it). What flex work counts on, less its reserve."""
+        share = self.value - self.queue_target
+        if self.batch is not None:
+            share = min(share, self.batch)
+        return max(1, share)

@@ -4,19 +4,31 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from gateway.search.config import IndexSpec
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
-ItemId = Annotated[str, StringConstraints(min_length=1, max_length=256)]  # may hold "/" (ids from relative paths)
+
+
+def addressable(item_id: str) -> str:
+    """One id grammar, enforced where ids come in, so every id stored can be named in a route: printable (no
+    control character, line or paragraph separator, no space but ASCII's, none around it), and its
+    "/"-separated parts (ids from relative paths) neither empty nor `.` or `..`."""
+    if item_id != item_id.strip(" ") or not all(c.isprintable() for c in item_id):
+        raise ValueError("an item id holds printable characters only, with no space around it")
+    if any(part in ("", ".", "..") for part in item_id.split("/")):
+        raise ValueError("an item id's '/'-separated parts may not be empty, '.' or '..'")
+    return item_id
+
+
+ItemId = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(addressable)]
 FLOAT32_MAX = 3.4028234663852886e38
 # Finite and within float32, as stored: a larger value would be kept as inf and make every score NaN.
 Vector = Annotated[
     list[Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]],
     Field(min_length=1, max_length=8192),
 ]
-FilterValue = str | int | float | bool | None
 Scalar = Annotated[str, StringConstraints(max_length=1024)] | int | float | bool | None
 # Filters: at most 32 keys, each one value or {"in": [...]} of at most MAX_IN_VALUES; MAX_FILTER_VALUES in all.
 MAX_IN_VALUES = 1024

@@ -20,15 +20,18 @@ from starlette.routing import Route
 from gateway.access.admission import Admission, memory_limit_bytes
 from gateway.access.keys import KeyChecker
 from gateway.access.limits import KeyLimiter, Limiter
-from gateway.asgi import error_response
+from gateway.asgi import ASGIApp, error_response
 from gateway.chat import router as chat_router
 from gateway.chat.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.chat.retrieval import LocalRetriever, RemoteRetriever, Retriever
+from gateway.chat.serving import CompletionsEndpoint, Generation
 from gateway.config import Settings
 from gateway.embeddings import router as embeddings_router
 from gateway.embeddings.service import EmbeddingsService
 from gateway.errors import GatewayError, error_for_status, validation_error
 from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
+from gateway.provided import Provided
 from gateway.responses import router as responses_router
 from gateway.responses.ids import ResponseIds
 from gateway.responses.protocol import ResponsesRequest
@@ -80,6 +83,13 @@ def _response_ids(settings: Settings) -> ResponseIds:
     if secret is None:
         return ResponseIds.with_random_secret(settings.responses.ttl)
     return ResponseIds(secret.get_secret_value().encode(), settings.responses.ttl)
+
+
+def _retriever(settings: Settings, search: SearchService, upstream: UpstreamClient) -> Retriever:
+    """Where a grounded chat searches: this process's index, or in role proxy the retrieval service."""
+    if settings.role == "proxy" and settings.retrieval_url:
+        return RemoteRetriever(settings.retrieval_url, upstream.session)
+    return LocalRetriever(search)
 
 
 def _key_limiter(settings: Settings, keys: KeyChecker, metrics: GatewayMetrics) -> Limiter:
@@ -145,6 +155,10 @@ def _openapi_with_raw_routes(app: FastAPI) -> dict[str, Any]:
 def create_app(settings: Settings) -> FastAPI:
     """The FastAPI app; `serve` runs it behind `hot_path` (below), which short-cuts the generation routes."""
     keys = KeyChecker(settings)
+    # Made by the lifespan, passed to the routes built below.
+    generation: Provided[Generation] = Provided("the generation path")
+    response_ids: Provided[ResponseIds] = Provided("the response id minter")
+    embeddings: Provided[EmbeddingsService] = Provided("the embeddings service")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -162,6 +176,11 @@ def create_app(settings: Settings) -> FastAPI:
             int(limit * settings.memory_shed_fraction) if limit else None, relieve=media.release_memory
         )
         limiter = _key_limiter(settings, keys, metrics)
+        ids = _response_ids(settings)
+        retriever = _retriever(settings, searcher, upstream)
+        generation.set(Generation(settings, metrics, pools, upstream, media, limiter, tracing, retriever))
+        response_ids.set(ids)
+        embeddings.set(embedder)
         app.state.gateway = GatewayState(
             settings,
             metrics,
@@ -172,11 +191,13 @@ def create_app(settings: Settings) -> FastAPI:
             searcher,
             admission,
             limiter,
-            _response_ids(settings),
+            ids,
             tracing,
         )
         _drain_on_sigterm(admission, settings.drain_delay)
-        metrics_server = MetricsServer(metrics, settings.host, settings.metrics_port)
+        metrics_server = MetricsServer(
+            metrics, settings.host, settings.metrics_port, lambda: health.readiness(app.state.gateway)
+        )
         if not settings.auth_enabled:
             log.warning("no API keys configured: /v1/* is open to anyone who can reach this port")
         await pools.start()
@@ -184,7 +205,7 @@ def create_app(settings: Settings) -> FastAPI:
         media.start()
         if serves_retrieval:
             await searcher.start()
-        metrics_server.start()
+        await metrics_server.start()
         admission.start()
         key_watch = (
             asyncio.create_task(_watch_keys_file(keys, limiter), name="keys-file") if settings.keys_file else None
@@ -192,7 +213,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
-            metrics_server.stop()
+            await metrics_server.stop()
             if key_watch is not None:
                 key_watch.cancel()
             await admission.stop()
@@ -204,15 +225,18 @@ def create_app(settings: Settings) -> FastAPI:
             await session.close()
             tracing.shutdown()
 
-    app = FastAPI(title="vlm-gateway", version="0.1.0", lifespan=lifespan, redoc_url=None)
-    app.router.routes.extend(chat_router.routes)
-    app.router.routes.extend(responses_router.routes)
+    # /docs (Swagger UI) loads its script and styles from a CDN, outside the pages' Content-Security-Policy: off
+    # unless asked for. /openapi.json is always served.
+    docs_url = "/docs" if settings.api_docs else None
+    app = FastAPI(title="vlm-gateway", version="0.1.0", lifespan=lifespan, redoc_url=None, docs_url=docs_url)
+    app.router.routes.extend(chat_router.routes(generation))
+    app.router.routes.extend(responses_router.routes(generation, response_ids))
     app.include_router(adapters_router.router)
     app.include_router(models.router)
     if settings.role == "proxy":
         app.router.routes.extend(retrieval_proxy.routes)
     else:
-        app.include_router(embeddings_router.router)
+        app.include_router(embeddings_router.router(embeddings))
         app.include_router(search_router.router)
     app.include_router(health.router)
     app.include_router(ui.router)
@@ -231,10 +255,10 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def hot_path(app: FastAPI, settings: Settings) -> HotPathDispatch:
-    endpoints = {
+    endpoints: dict[str, ASGIApp] = {
         route.path: route.endpoint
-        for route in (*chat_router.routes, *responses_router.routes)
-        if isinstance(route, Route) and route.methods == {"POST"} and "{" not in route.path
+        for route in app.router.routes
+        if isinstance(route, Route) and isinstance(route.endpoint, CompletionsEndpoint)
     }
     return HotPathDispatch(
         app, endpoints, max_body_bytes=settings.max_body_bytes, keys=app.state.keys, log_requests=settings.access_log

@@ -3,12 +3,17 @@
 - The request line and headers are capped in bytes (`max_head_bytes`) while they arrive: 431 and close, before
   the parser buffers them.
 - They must arrive within `head_timeout` (a connection that sends nothing, or dribbles its headers, is answered
-  408 and closed), and a body may not pause longer than `body_idle_timeout` between chunks (the connection is
-  closed; the app sees a disconnect).
+  408 and closed). A body may not pause longer than `body_idle_timeout` between chunks, and must keep up at least
+  `min_body_rate` bytes a second over every window of `BODY_RATE_WINDOW` seconds (or finish within the window
+  when less is left): a body trickled a byte at a time is cut (the connection is closed; the app sees a
+  disconnect).
+- A request answered before its body arrived whole (a 401, a refusal, `/health/live`) closes its connection
+  once the answer is written, rather than reading the rest of the body at the client's pace.
 - At most `max_connections` connections are open at once. At the cap a new connection evicts the oldest one
-  still waiting for (or dribbling) its request head, so idle or slow connections cannot keep a probe of
-  `/health/live` out; only when every connection is busy with a request is the new one answered 503 and closed.
-  File descriptors therefore never run out for the replica connections and health checks.
+  still waiting for (or dribbling) its request head, else the oldest one still sending a body, so neither idle
+  nor trickling connections can keep a probe of `/health/live` out; only when every connection holds a whole
+  request being answered is the new one answered 503 and closed. File descriptors therefore never run out for
+  the replica connections and health checks.
 uvicorn's own keep-alive timeout closes idle connections between requests.
 """
 
@@ -32,12 +37,16 @@ REFUSALS: dict[int, GatewayError] = {
 }
 
 
+BODY_RATE_WINDOW = 5.0
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionLimits:
     max_head_bytes: int
     head_timeout: float
     body_idle_timeout: float
     max_connections: int
+    min_body_rate: int = 4096
 
 
 def refusal(status: int) -> bytes:
@@ -55,8 +64,10 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _limits = limits
-        # Connections between requests or inside a request head, oldest first: the ones a new connection may evict.
+        # Connections between requests or inside a request head, oldest first: the ones a new connection evicts
+        # first; then those still sending a request body.
         _waiting: OrderedDict[GuardedHttpToolsProtocol, None] = OrderedDict()
+        _uploading: OrderedDict[GuardedHttpToolsProtocol, None] = OrderedDict()
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -64,6 +75,9 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
             self._head_bytes = 0
             self._tail = b""  # the last bytes of the previous read, for a head terminator split across reads
             self._timer: asyncio.TimerHandle | None = None
+            self._rate_timer: asyncio.TimerHandle | None = None
+            self._body_left: int | None = None  # bytes the body still owes (content-length), None if chunked
+            self._window_bytes = 0
 
         def _arm(self, seconds: float, status: int | None) -> None:
             self._disarm()
@@ -84,25 +98,58 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
 
         def _refuse(self, status: int) -> None:
             self._disarm()
+            self._end_upload()
             self._waiting.pop(self, None)
-            self.transport.write(refusal(status))
+            if self.cycle is None or not self.cycle.response_started:
+                self.transport.write(refusal(status))
             self.transport.close()
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             if len(self.connections) > self._limits.max_connections:
-                if not self._waiting:
+                evictable = self._waiting or self._uploading
+                if not evictable:
                     self._refuse(503)
                     return
-                oldest, _ = self._waiting.popitem(last=False)
+                oldest, _ = evictable.popitem(last=False)
                 oldest._refuse(408)
             self._waiting[self] = None
             self._arm(self._limits.head_timeout, 408)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            self._end_upload()
             self._waiting.pop(self, None)
             super().connection_lost(exc)
+
+        def _start_upload(self) -> None:
+            self._uploading[self] = None
+            declared = next((value for name, value in self.headers if name == b"content-length"), None)
+            self._body_left = int(declared) if declared is not None and declared.isdigit() else None
+            self._window_bytes = 0
+            self._rate_timer = self.loop.call_later(BODY_RATE_WINDOW, self._check_rate)
+
+        def _end_upload(self) -> None:
+            self._uploading.pop(self, None)
+            if self._rate_timer is not None:
+                self._rate_timer.cancel()
+                self._rate_timer = None
+
+        def _check_rate(self) -> None:
+            """Once a window: the body kept up the minimum rate, or finished what it owed, or the connection goes."""
+            self._rate_timer = None
+            if self.transport.is_closing() or self not in self._uploading:
+                return
+            owed = int(self._limits.min_body_rate * BODY_RATE_WINDOW)
+            if self._body_left is not None:
+                owed = min(owed, self._body_left)
+            if self._window_bytes < owed:
+                self._refuse(408)
+                return
+            if self._body_left is not None:
+                self._body_left -= self._window_bytes
+            self._window_bytes = 0
+            self._rate_timer = self.loop.call_later(BODY_RATE_WINDOW, self._check_rate)
 
         def data_received(self, data: bytes) -> None:
             if self.transport.is_closing():
@@ -119,6 +166,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
                 if self._timer is None:  # the first bytes of a kept-alive connection's next request
                     self._arm(self._limits.head_timeout, 408)
             elif self.cycle is not None and not self.cycle.response_complete and self.cycle.more_body:
+                self._window_bytes += len(data)
                 self._arm(self._limits.body_idle_timeout, None)
             super().data_received(data)
 
@@ -131,11 +179,21 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
             super().on_headers_complete()
             if self.cycle is not None and self.cycle.more_body:
                 self._arm(self._limits.body_idle_timeout, None)
+                self._start_upload()
 
         def on_message_complete(self) -> None:
             self._disarm()
+            self._end_upload()
             self._in_head = True  # whatever arrives next is the next request's head
             self._waiting[self] = None
             super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            if not self._in_head and not self.transport.is_closing():
+                # Answered before its body arrived whole: close rather than read the rest at the client's pace.
+                self._disarm()
+                self._end_upload()
+                self.transport.close()
+            super().on_response_complete()
 
     return GuardedHttpToolsProtocol

@@ -22,7 +22,12 @@ async def live() -> dict[str, str]:
 
 @router.get("/health/ready")
 async def ready(request: Request) -> JSONResponse:
-    gateway: GatewayState = request.app.state.gateway
+    ready_now, body = readiness(request.app.state.gateway)
+    return JSONResponse(body, status_code=200 if ready_now else 503)
+
+
+def readiness(gateway: GatewayState) -> tuple[bool, dict[str, object]]:
+    """Whether this process can serve now, and the report that says what (served on both ports)."""
     models = {
         name: {
             "healthy_replicas": replicas.healthy_count(),
@@ -44,14 +49,14 @@ async def ready(request: Request) -> JSONResponse:
         ready_now, problems = False, [*problems, "draining: shutting down"]
     if gateway.admission.under_pressure:  # shedding: new work gets 503 until memory falls back under the mark
         ready_now, problems = False, [*problems, "memory pressure: shedding new work"]
-    body = {
+    body: dict[str, object] = {
         "problems": problems,
         "status": "ready" if ready_now else "unavailable",
         "servable_models": servable,
         "models": models,
         "embeddings": embeddings,
     }
-    return JSONResponse(body, status_code=200 if ready_now else 503)
+    return ready_now, body
 
 
 async def metrics_endpoint(request: Request) -> Response:

@@ -48,11 +48,13 @@ router = APIRouter()
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     gateway: GatewayState = request.app.state.gateway
+    identity = request.scope["state"]["identity"]
+    sees = None if "operator" in identity.scopes else identity.namespace  # another namespace's adapters: unseen
     cards = []
     for name, replicas in gateway.pools.by_model.items():
         pool = replicas.pool
         limits = dict(pool.limit_mm_per_prompt)
-        for served in (name, *replicas.adapter_names()):
+        for served in (name, *replicas.adapter_names(sees)):
             serving = [r for r in replicas.replicas if replicas.serves(r, served)]
             capabilities = Capabilities(
                 vision=any(limits.values()),

@@ -69,6 +69,7 @@ def serve(settings: Settings) -> None:
         head_timeout=settings.head_timeout,
         body_idle_timeout=settings.body_idle_timeout,
         max_connections=_descriptor_budget(settings),
+        min_body_rate=settings.min_body_rate,
     )
     uvicorn.run(
         hot_path(create_app(settings), settings),

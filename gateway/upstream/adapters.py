@@ -8,6 +8,7 @@ through the gateway are re-applied to a replica that comes back without them (a 
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 from typing import TYPE_CHECKING
 
@@ -54,8 +55,8 @@ async def sync_adapters(
     listed = await listed_adapters(session, replica, replica_set.pool.name, within)
     if listed is None:
         return
-    for name, path in list(replica_set.dynamic_adapters.items()):
-        if name not in listed and await load_on(session, replica, name, path, within) is None:
+    for name, loaded in list(replica_set.dynamic_adapters.items()):
+        if name not in listed and await load_on(session, replica, name, loaded.path, within) is None:
             log.info("adapter %s re-applied to replica %s", name, replica.base_url)
             listed = listed | {name}
     replica.adapters = listed
@@ -94,9 +95,19 @@ async def _post(
 
 
 def allowed_adapter_path(path: str, roots: list[str]) -> bool:
-    """An absolute, already-normal path (no `..`, no `//`, no URL) strictly inside one of `roots`."""
-    if not path.startswith("/") or "://" in path or "\\" in path or "\x00" in path:
+    """An absolute, already-normal path (no `..`, no `//`, no URL, no control character) strictly inside one of
+    `roots` — and, where the gateway sees the same volume as the replicas (mount it read-only to get this), its
+    real path too, so a symlink inside a root cannot point a replica outside it."""
+    if not path.startswith("/") or "://" in path or "\\" in path or any(ord(c) < 32 or ord(c) == 127 for c in path):
         return False
     if posixpath.normpath(path) != path:
         return False
+    if not _inside(path, roots):
+        return False
+    if not os.path.lexists(path):
+        return True  # not visible here: the replicas' volume is not mounted into the gateway
+    return _inside(os.path.realpath(path), [os.path.realpath(root) for root in roots if root.startswith("/")])
+
+
+def _inside(path: str, roots: list[str]) -> bool:
     return any(path.startswith(root.rstrip("/") + "/") for root in roots if root.startswith("/"))

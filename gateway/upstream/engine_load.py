@@ -90,7 +90,6 @@ class EngineLoadProbe:
         except (TransportError, TimeoutError):
             return  # the health check decides about a replica that does not answer
         if body is None:
-            replica_set.scheduler.observe(replica, None, None)
-            return
+            return  # an error or an outsized answer says nothing about the engine's queue
         body = b"\n" + body
         replica_set.scheduler.observe(replica, engine_gauge(body, WAITING), engine_gauge(body, RUNNING))

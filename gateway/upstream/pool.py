@@ -28,6 +28,12 @@ from gateway.upstream.routing import Outcome, load_bound, rendezvous_order
 log = logging.getLogger("gateway.pool")
 
 
+@dataclass(frozen=True, slots=True)
+class LoadedAdapter:
+    path: str  # as the replicas see it
+    owner: str  # the namespace whose admin key loaded it: only it (or an operator) may change or use it
+
+
 @dataclass(eq=False)
 class Replica:
     model: str
@@ -69,11 +75,14 @@ class ReplicaSet:
         self.replicas = [self._new_replica(url) for url in pool.upstreams]
         self.discovered = False  # whether `discover` has answered once (until then the pool is not "empty")
         self.static_adapters = frozenset(adapter.name for adapter in pool.lora_modules)
-        # Adapters loaded through POST /v1/adapters: name -> path, re-applied to a replica that lacks one.
-        self.dynamic_adapters: dict[str, str] = {}
+        # Adapters loaded through POST /v1/adapters, re-applied to a replica that lacks one.
+        self.dynamic_adapters: dict[str, LoadedAdapter] = {}
 
-    def adapter_names(self) -> list[str]:
-        return [*self.static_adapters, *(n for n in self.dynamic_adapters if n not in self.static_adapters)]
+    def adapter_names(self, namespace: str | None = None) -> list[str]:
+        """The adapters `namespace` may see and use: the configured ones and those its own keys loaded (None:
+        every one, for an operator)."""
+        loaded = (n for n, a in self.dynamic_adapters.items() if namespace is None or a.owner == namespace)
+        return [*self.static_adapters, *(n for n in loaded if n not in self.static_adapters)]
 
     def serves(self, replica: Replica, model: str) -> bool:
         """Whether `replica` can answer for `model`: the base model always; an adapter once its /v1/models lists
@@ -247,14 +256,19 @@ class Pools:
         self._session: aiohttp.ClientSession | None = None
         self._load_probe: EngineLoadProbe | None = None
 
-    def get(self, model: str) -> ReplicaSet | None:
-        """The pool serving `model`: a base model's own, or the one whose replicas serve that adapter."""
+    def get(self, model: str, namespace: str | None = None) -> ReplicaSet | None:
+        """The pool serving `model`: a base model's own, or the one whose replicas serve that adapter — for an
+        adapter loaded at runtime, only to its owner's namespace (None: any namespace's)."""
         found = self.by_model.get(model)
         if found is not None:
             return found
-        return next(
-            (rs for rs in self.by_model.values() if model in rs.static_adapters or model in rs.dynamic_adapters), None
-        )
+        for replica_set in self.by_model.values():
+            if model in replica_set.static_adapters:
+                return replica_set
+            loaded = replica_set.dynamic_adapters.get(model)
+            if loaded is not None and (namespace is None or loaded.owner == namespace):
+                return replica_set
+        return None
 
     async def start(self) -> None:
         """Discover once before the first request (a discovered pool starts with its replicas), then keep

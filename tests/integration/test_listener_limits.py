@@ -1,5 +1,6 @@
-"""One connection against a real gateway process (CASES F1, F2): oversized heads, dribbled heads and bodies, and
-idle connections by the hundred are cut by the listener, while liveness and the replica health check carry on."""
+"""One connection against a real gateway process (CASES F1, F2, G10): oversized heads, dribbled heads and bodies,
+trickled bodies, answered requests with bodies still owed, and idle connections by the hundred are cut or evicted
+by the listener, while liveness (on both ports), authenticated traffic and the replica health check carry on."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import httpx
 import orjson
 import pytest
 
-from tests.fake_upstream import FakeVllm
+from tests.fake_upstream import Behaviour, FakeVllm
+from tests.harness.processes import free_port
 from tests.support import RunningGateway, run_gateway_async, write_config
 
 MAX_CONNECTIONS = 40
+KEY = "sk-listener"
 
 
 @pytest.fixture
@@ -29,6 +32,8 @@ async def gateway(tmp_path: Path, log_dir: Path, fake_a: FakeVllm) -> AsyncItera
         body_idle_timeout=2,
         max_connections=MAX_CONNECTIONS,
         health_check_interval=0.5,
+        metrics_port=free_port(),
+        keys=[{"key": KEY}],
     )
     async with run_gateway_async(["--config", str(config)], log_dir) as running:
         yield running
@@ -56,6 +61,20 @@ def _status(response: bytes) -> int:
 async def _live_answers(gateway: RunningGateway) -> bool:
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=2) as client:
         return (await client.get("/health/live")).status_code == 200
+
+
+def _metrics_port(gateway: RunningGateway) -> int:
+    import yaml
+
+    config = Path(gateway.process.argv[gateway.process.argv.index("--config") + 1])
+    return int(yaml.safe_load(config.read_text())["metrics_port"])
+
+
+async def _chat_answers(gateway: RunningGateway) -> int:
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=10) as client:
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        headers = {"Authorization": f"Bearer {KEY}"}
+        return (await client.post("/v1/chat/completions", json=chat, headers=headers)).status_code
 
 
 def _send_huge_header(gateway: RunningGateway, megabytes: int) -> tuple[int, int]:
@@ -120,6 +139,7 @@ async def test_dribbled_heads_get_408_and_stalled_bodies_are_cut(gateway: Runnin
     body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     sock = _connect(gateway)
     head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    head += b"authorization: Bearer %s\r\n" % KEY.encode()
     sock.sendall(head + b"content-length: %d\r\n\r\n" % len(body) + body[:10])  # and then nothing
     cut = await asyncio.to_thread(_read_all, sock)  # returns once the gateway closes the connection
     sock.close()
@@ -134,25 +154,88 @@ async def test_idle_connections_by_the_hundred_cannot_keep_liveness_out(
     try:
         for _ in range(5):
             assert await _live_answers(gateway), "a probe evicts an idle connection instead of being refused"
-        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=5) as client:
-            chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-            assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+        assert await _chat_answers(gateway) == 200
         assert gateway.metric("gateway_replica_healthy", {"model": "m"}) == 1
     finally:
         for sock in idle:
             sock.close()
 
 
-async def test_busy_connections_at_the_cap_refuse_the_next_with_503(gateway: RunningGateway) -> None:
-    """Connections inside a request body are not evicted; past the cap the newcomer gets 503 + Retry-After."""
-    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{"
+async def test_trickled_bodies_cannot_hold_the_listener(gateway: RunningGateway) -> None:
+    """CASES G10: thousands of connections that send a head, then a byte now and then, with no key. At the cap the
+    oldest uploads are evicted, each is cut once it falls below the minimum body rate, and meanwhile the probes
+    (on both ports) and an authenticated chat are answered."""
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n{"
+    trickling: list[socket.socket] = []
+    try:
+        for _ in range(3 * MAX_CONNECTIONS):
+            sock = _connect(gateway)
+            with contextlib.suppress(OSError):
+                sock.sendall(head)
+            trickling.append(sock)
+        for _ in range(3):
+            for sock in trickling:
+                with contextlib.suppress(OSError):
+                    sock.sendall(b" ")  # a byte each: never idle for body_idle_timeout, far below the rate
+            assert await _live_answers(gateway)
+            assert await _chat_answers(gateway) == 200
+            async with httpx.AsyncClient(timeout=2) as client:
+                side = f"http://127.0.0.1:{_metrics_port(gateway)}"
+                assert (await client.get(f"{side}/health/live")).status_code == 200
+                assert (await client.get(f"{side}/health/ready")).status_code == 200
+                assert b"gateway_requests_total" in (await client.get(f"{side}/metrics")).content
+        survivor = trickling[-1]  # never evicted (the newest): the rate rule ends it within a window
+        survivor.settimeout(15)
+        cut = await asyncio.to_thread(_read_all, survivor)
+        assert not cut.startswith(b"HTTP/1.1 200"), cut
+    finally:
+        for sock in trickling:
+            sock.close()
+
+
+async def test_an_answered_request_does_not_wait_for_the_rest_of_its_body(gateway: RunningGateway) -> None:
+    """A 401 (no key) and a probe answered before their bodies arrived close the connection once answered, even
+    while the client keeps sending; before, the connection read on at the client's pace."""
+    for head in (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n{",
+        b"GET /health/live HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n{",
+    ):
+        sock = _connect(gateway)
+        sock.settimeout(3)  # under the rate rule's 5 s window: only the answered-close rule can end it in time
+        sock.sendall(head)
+        stop = asyncio.Event()
+
+        async def keep_sending(sock: socket.socket = sock, stop: asyncio.Event = stop) -> None:
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"x" * 64)
+                await asyncio.sleep(0.2)
+
+        sender = asyncio.create_task(keep_sending())
+        try:
+            answer = await asyncio.to_thread(_read_all, sock)  # returns at EOF: the gateway closed it
+        finally:
+            stop.set()
+            await sender
+            sock.close()
+        assert _status(answer) in (200, 401), answer
+
+
+async def test_busy_connections_at_the_cap_refuse_the_next_with_503(gateway: RunningGateway, fake_a: FakeVllm) -> None:
+    """Connections whose whole request is being answered are not evicted; past the cap the newcomer gets 503 +
+    Retry-After."""
+    fake_a.behaviour = Behaviour(chunks=40, chunk_delay=0.1)  # each answer streams for ~4 s
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer %s\r\n" % KEY.encode()
+    request = head + b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body
     busy = []
     try:
         for _ in range(MAX_CONNECTIONS):
             sock = _connect(gateway)
-            sock.sendall(head)
+            sock.sendall(request)
             busy.append(sock)
-        await asyncio.sleep(0.3)
+        while fake_a.hits < MAX_CONNECTIONS:
+            await asyncio.sleep(0.05)
         extra = _connect(gateway)
         response = await asyncio.to_thread(_read_all, extra)
         extra.close()
@@ -172,5 +255,5 @@ async def test_a_large_body_behind_a_small_head_is_not_counted_as_head(gateway: 
     text = "word " * 160_000  # 800 kB of body (the fake replica takes up to 1 MB) in the same reads as the head
     chat = {"model": "m", "messages": [{"role": "user", "content": text}]}
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
-        response = await client.post("/v1/chat/completions", json=chat)
+        response = await client.post("/v1/chat/completions", json=chat, headers={"Authorization": f"Bearer {KEY}"})
     assert response.status_code == 200, response.text

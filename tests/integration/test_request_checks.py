@@ -263,3 +263,10 @@ async def test_all_replicas_down_keeps_liveness_and_says_what_is_unservable(tmp_
     error = _assert_openai_error(response, 503)
     assert "retry-after" in response.headers
     assert error["code"] == "service_unavailable"
+
+
+async def test_swagger_ui_is_off_by_default_and_the_schema_stays(gateway: RunningGateway) -> None:
+    """Hardening round 3, class 9: /docs would load its script from a CDN, outside the pages' policy."""
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=10) as client:
+        assert (await client.get("/docs")).status_code == 404
+        assert (await client.get("/openapi.json")).json()["paths"]["/v1/chat/completions"]

@@ -18,14 +18,22 @@ import pytest
 from tests.fake_upstream import Behaviour, FakeVllm
 from tests.support import RunningGateway, png_data_url, run_gateway_async, write_config
 
-ALICE, BOB, ADMIN = "sk-alice", "sk-bob", "sk-admin"
+ALICE, BOB, ADMIN, ROGUE = "sk-alice", "sk-bob", "sk-admin", "sk-rogue"
 ID = re.compile(r"resp_[0-9a-f]{64}")
 
 
 @pytest.fixture
 async def gateway(tmp_path: Path, log_dir: Path, fake_a: FakeVllm, fake_b: FakeVllm) -> AsyncIterator[RunningGateway]:
     fake_a.models["a1"] = "m"  # only replica A serves adapter a1
-    keys = [{"key": ALICE}, {"key": BOB}, {"key": ADMIN, "scopes": ["admin"]}]
+    keys = [
+        {"key": ALICE, "namespace": "alice"},
+        {"key": BOB},
+        {"key": ADMIN, "scopes": ["read", "admin"], "namespace": "alice"},
+        {"key": ROGUE, "scopes": ["read", "admin"], "namespace": "rogue"},  # an admin of another namespace
+    ]
+    local_root = tmp_path / "adapters"  # a root the gateway sees too: real paths are checked there
+    (local_root / "good").mkdir(parents=True)
+    (local_root / "escape").symlink_to("/etc")
     models = [
         {
             "name": "m",
@@ -35,7 +43,8 @@ async def gateway(tmp_path: Path, log_dir: Path, fake_a: FakeVllm, fake_b: FakeV
             "max_model_len": 4096,
             "timeouts": {"first_token": 5, "idle": 1},
             "lora_modules": [{"name": "a1", "path": "/adapters/a1"}],
-            "adapter_roots": ["/adapters"],
+            "adapter_roots": ["/adapters", str(local_root)],
+            "max_loaded_adapters": 3,
         }
     ]
     config = write_config(tmp_path / "g.yaml", models, keys=keys, health_check_interval=0.5)
@@ -222,6 +231,37 @@ async def test_adapters_load_only_from_the_roots_and_come_back_after_a_restart(
     direct = await _call(gateway, "POST", "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/x"}, key=ADMIN)
     assert direct.status_code == 404
     assert _error(await _call(gateway, "POST", "/v1/load_lora_adapter", {"lora_name": "x"}), 403)
+
+
+async def test_an_adapter_belongs_to_the_namespace_that_loaded_it(
+    gateway: RunningGateway, fake_a: FakeVllm, fake_b: FakeVllm, tmp_path: Path
+) -> None:
+    """Hardening round 3, classes 2 and 3: owners, one name grammar, real paths, a bound per pool."""
+    load = lambda name, path, key=ADMIN: _call(gateway, "POST", "/v1/adapters", {"name": name, "path": path}, key=key)  # noqa: E731
+    assert (await load("d2", "/adapters/d2")).status_code == 200
+    assert _error(await load("d2", "/adapters/mine", ROGUE), 409)["param"] == "name", "cannot re-point another's"
+    assert fake_a.models["d2"] == "m"
+    assert _error(await _call(gateway, "DELETE", "/v1/adapters/d2", key=ROGUE), 404), "nor unload it"
+    seen_by = lambda key: _call(gateway, "GET", "/v1/models", key=key)  # noqa: E731
+    assert "d2" in {c["id"] for c in (await seen_by(ALICE)).json()["data"]}
+    assert "d2" not in {c["id"] for c in (await seen_by(ROGUE)).json()["data"]}
+    assert "a1" in {c["id"] for c in (await seen_by(ROGUE)).json()["data"]}, "configured adapters are everyone's"
+    chat = {"model": "d2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    assert _error(await _call(gateway, "POST", "/v1/chat/completions", chat, key=ROGUE), 404)["param"] == "model"
+    assert (await _call(gateway, "POST", "/v1/chat/completions", chat, key=ALICE)).status_code == 200
+    for name in (".", "..", "-", "-x", ".hidden", "a b", "a\n", "x/y", "a" * 257):
+        assert _error(await load(name, "/adapters/x"), 400), name
+    for name in ("m", "a1"):  # a base model, a configured adapter
+        assert _error(await load(name, "/adapters/x"), 409)["param"] == "name"
+    for path in ("/adapters/x\n", "/adapters/x\x7f", f"{tmp_path}/adapters/escape/passwd"):
+        assert _error(await load("d3", path), 400)["param"] == "path", path
+    assert (await load("d2", "/adapters/d2-v2")).status_code == 200, "its owner may re-point it"
+    assert (await load("d3", f"{tmp_path}/adapters/good")).status_code == 200
+    assert (await load("d4", "/adapters/d4")).status_code == 200
+    full = await load("d5", "/adapters/d5")
+    assert _error(full, 409)["param"] == "name" and "limit of 3" in full.json()["error"]["message"]
+    for name in ("d2", "d3", "d4"):
+        assert (await _call(gateway, "DELETE", f"/v1/adapters/{name}", key=ADMIN)).status_code == 200
 
 
 async def test_any_gateway_with_the_same_secret_routes_anothers_ids(

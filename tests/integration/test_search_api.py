@@ -198,7 +198,7 @@ def test_index_add_ingests_a_folder_with_captions_and_resumes(
     for name, colour in list(colours.items())[4:]:
         (folder / "sub" / name).write_bytes(png_bytes(64, 48, colour))
     cli_main(argv)
-    assert "indexed 2 images into 'media' (4 already done)" in capsys.readouterr().out
+    assert "indexed 2 images into 'media' (4 already done, 0 not images" in capsys.readouterr().out
     reader = _client(gateway, READER_A)
     image_query = {
         "image_url": "data:image/png;base64," + base64.b64encode(png_bytes(64, 48, colours["img3.png"])).decode()
@@ -213,6 +213,35 @@ def test_index_add_ingests_a_folder_with_captions_and_resumes(
     ).json()["data"][0]
     assert caption["id"] == "img0.png#caption"
     assert reader.get("/v1/collections/media/items/img0.png").json()["metadata"]["caption"] == "a green field"
+
+
+def test_index_add_stays_in_its_folder_and_skips_what_is_not_an_image(
+    gateway: RunningGateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Hardening round 3, class 8: links out of the folder are not followed (a link to a system file is never
+    read), a file that is not an image is skipped and counted, and the run goes on."""
+    from gateway.cli import main as cli_main
+
+    folder, elsewhere = tmp_path / "shots", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    (folder / "a.png").write_bytes(png_bytes(32, 32, (10, 200, 30)))
+    (folder / "notes.jpg").write_bytes(b"not an image at all")
+    (folder / "z.png").write_bytes(png_bytes(32, 32, (200, 10, 30)))
+    (folder / "passwd.png").symlink_to("/etc/passwd")
+    (elsewhere / "far.png").write_bytes(png_bytes(32, 32, (30, 30, 200)))
+    (folder / "linked").symlink_to(elsewhere)
+    argv = ["index", "add", str(folder), "--collection", "shots", "--url", gateway.base_url, "--api-key", WRITER_A]
+    cli_main(argv)
+    out = capsys.readouterr().out
+    assert "indexed 2 images into 'shots' (0 already done, 1 not images, 2 links out of the folder" in out, out
+    reader = _client(gateway, READER_A)
+    assert reader.get("/v1/collections/shots/items/z.png").status_code == 200, "the run went on past the bad file"
+    assert reader.get("/v1/collections/shots/items/passwd.png").status_code == 404
+    cli_main([*argv, "--follow-links"])
+    out = capsys.readouterr().out
+    assert "indexed 1 images into 'shots' (2 already done, 2 not images" in out, out  # far.png; passwd is no image
+    assert reader.get("/v1/collections/shots/items/linked/far.png").status_code == 200
 
 
 async def test_concurrent_creates_of_one_name_give_one_201_and_409s(gateway: RunningGateway) -> None:

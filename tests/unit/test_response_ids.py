@@ -40,6 +40,14 @@ def test_foreign_shapes_resolve_to_nothing(bad: str) -> None:
     assert ResponseIds(b"s" * 32, ttl=60).resolve(bad, "alice") is None
 
 
+def test_an_id_in_upper_case_hex_is_not_the_same_id() -> None:
+    """Hardening round 3, class 9: one spelling is accepted (the minted one, lower case)."""
+    ids = ResponseIds(b"s" * 32, ttl=60)
+    minted = ids.mint("alice", A, now=1000)
+    assert ids.resolve(minted, "alice", now=1001) is not None
+    assert ids.resolve("resp_" + minted.removeprefix("resp_").upper(), "alice", now=1001) is None
+
+
 def test_two_mints_differ() -> None:
     ids = ResponseIds.with_random_secret(ttl=60)
     assert ids.mint("alice", A) != ids.mint("alice", A)
@@ -82,6 +90,9 @@ def test_a_stream_error_is_numbered_after_the_last_event() -> None:
         ("s3://bucket/a", False),
         ("/adapters/a\x00b", False),
         ("/adapters\\..\\etc", False),
+        ("/adapters/a\n", False),
+        ("/adapters/a\x1b[0m", False),
+        ("/adapters/a\x7f", False),
     ],
 )
 def test_adapter_paths_stay_inside_the_roots(path: str, allowed: bool) -> None:

@@ -294,7 +294,7 @@ def test_the_limit_lets_the_engine_keep_its_target_queue() -> None:
     limit.observe(0, holding=4, running=4)
     assert limit.value == 8
     limit.observe(4, holding=8, running=4)
-    assert limit.value == 6 and limit.running_share == 5, "cut to what it ran plus the target (not below 3/4)"
+    assert limit.value == 6 and limit.running_share == 4, "cut to what it ran plus the target; runs its batch"
     limit.observe(2, holding=6, running=4)
     assert limit.value == 5
     limit.observe(1, holding=5, running=4)
@@ -338,3 +338,23 @@ async def test_flex_leaves_its_reserve_for_interactive_arrivals() -> None:
     chat.release()
     bulk[0].release()
     assert (await fourth).replica is members[0]
+
+
+def test_a_tenant_between_two_requests_keeps_its_counter() -> None:
+    counters = TenantCounters()
+    counters.charge("small", 10, 1.0)
+    counters.charge("big", 500, 1.0)
+    counters.left("small", now=100.0)
+    counters.lift("small", ["big"], now=100.5)
+    assert counters.value("small") == 10, "back within the grace: not idle, keeps what it is owed"
+    counters.left("small", now=200.0)
+    counters.lift("small", ["big"], now=202.0)
+    assert counters.value("small") == 500, "idle past the grace: lifted"
+
+
+def test_flex_counts_on_the_batch_the_engine_runs_not_the_probing_limit() -> None:
+    limit = AdaptiveLimit(4, 1, 64)
+    limit.observe(0, holding=4, running=4)  # 8
+    limit.observe(4, holding=8, running=4)  # full at 4: cut, and the batch is seen
+    limit.observe(0, holding=6, running=4)
+    assert limit.batch == 4 and limit.running_share == 4 and limit.value >= 5
