@@ -25,8 +25,17 @@ def error_headers(error: GatewayError, body: bytes) -> list[tuple[bytes, bytes]]
     return headers
 
 
-async def send_error(send: Send, error: GatewayError, extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
-    body = error_body(error)
+ErrorRenderer = Callable[[GatewayError], bytes]
+
+
+async def send_error(
+    send: Send,
+    error: GatewayError,
+    extra_headers: Sequence[tuple[bytes, bytes]] = (),
+    render: ErrorRenderer = error_body,
+) -> None:
+    """The error as the caller's API dialect writes it (`render`: OpenAI's envelope unless a dialect says)."""
+    body = render(error)
     headers = error_headers(error, body) + list(extra_headers)
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -11,6 +11,10 @@ from aiohttp import web
 
 from tests.harness.processes import free_port
 
+STALL = 3600.0  # a replica that never sends again (the gateway's timeouts end it)
+WATCH = 0.05  # how often a stalled fake looks whether the gateway closed the connection
+AFTER_RESET = 1.0  # a reset replica's handler lingers, as a crashed process would not answer either
+
 
 @dataclass
 class Behaviour:
@@ -137,7 +141,7 @@ class FakeVllm:
         created = {"type": "response.created", "sequence_number": 0, "response": {**response, "usage": None}}
         await stream.write(b"event: response.created\ndata: " + orjson.dumps(created) + b"\n\n")
         if self.behaviour.mode == "stall_mid":
-            await asyncio.sleep(3600)
+            await asyncio.sleep(STALL)
         if self.behaviour.mode == "drop_mid":
             assert request.transport is not None
             request.transport.abort()
@@ -145,7 +149,7 @@ class FakeVllm:
         if self.behaviour.mode == "client_gone":  # keep streaming until the gateway closes the connection
             transport = request.transport
             while transport is not None and not transport.is_closing():
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(WATCH)
             self.aborted += 1
             return stream
         done = {"type": "response.completed", "sequence_number": 1, "response": response}
@@ -170,13 +174,13 @@ class FakeVllm:
         if b.mode == "reset":
             assert request.transport is not None
             request.transport.abort()
-            await asyncio.sleep(1)
+            await asyncio.sleep(AFTER_RESET)
         if b.mode == "stall_first":
             transport = request.transport
             while transport is not None and not transport.is_closing():
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(WATCH)
             self.aborted += 1
-            await asyncio.sleep(3600)
+            await asyncio.sleep(STALL)
         if b.mode == "status":
             headers = {"Retry-After": b.retry_after} if b.retry_after else {}
             message = b.message if b.message is not None else f"fake status {b.status}"
@@ -214,7 +218,7 @@ class FakeVllm:
                     assert request.transport is not None
                     request.transport.abort()
                     return response
-                await asyncio.sleep(3600)
+                await asyncio.sleep(STALL)
             if b.chunk_delay:
                 await asyncio.sleep(b.chunk_delay)
         await response.write(USAGE_CHUNK + b"data: [DONE]\n\n")

@@ -13,6 +13,8 @@ from PIL import Image
 
 from tests.harness.processes import free_port
 
+DRIP_EVERY = 0.2  # a drip-feeding host: one byte this often
+
 
 def png_bytes(width: int, height: int, colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
     out = io.BytesIO()
@@ -115,7 +117,7 @@ class MediaHost:
         await response.prepare(request)
         for _ in range(1000):
             await response.write(b"\x00")
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(DRIP_EVERY)
         return response
 
     async def _redirect(self, request: web.Request) -> web.Response:

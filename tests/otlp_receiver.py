@@ -23,6 +23,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from tests.harness.processes import free_port
 
+POLL = 0.1  # how often the received spans are looked at while a test waits for one
+
 
 @dataclass(frozen=True)
 class ReceivedSpan:
@@ -143,7 +145,7 @@ class OtlpReceiver:
                 matched = [span for span in self.spans if predicate(span)]
             if matched or time.monotonic() > deadline:
                 return matched
-            time.sleep(0.1)
+            time.sleep(POLL)
 
     def trace(self, trace_id: str) -> list[ReceivedSpan]:
         with self._lock:

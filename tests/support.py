@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,33 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness.processes import ManagedProcess, free_port, gateway_process
+
+POLL = 0.05  # how often a waited-for condition is looked at
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
+    """Whether `condition` came true within `timeout` seconds (polled): tests wait on what they can observe."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL)
+    return True
+
+
+async def eventually(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0) -> bool:
+    """`wait_until` for async tests: the event loop (and an in-process fake replica) runs between polls. An async
+    condition is awaited (one that reaches an in-process fake must be, or the loop it needs is blocked)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        verdict = condition()
+        if not isinstance(verdict, bool):
+            verdict = await verdict
+        if verdict:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(POLL)
 
 
 def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float:
@@ -44,22 +71,33 @@ class RunningGateway:
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
 
+    @property
+    def metrics_url(self) -> str:
+        """Where /metrics is: the config's `metrics_port` when it names one, else the main port."""
+        args = self.process.argv
+        if "--config" in args:
+            config = yaml.safe_load(Path(args[args.index("--config") + 1]).read_text()) or {}
+            if config.get("metrics_port"):
+                return f"http://127.0.0.1:{config['metrics_port']}/metrics"
+        return f"{self.base_url}/metrics"
+
     def metrics(self) -> str:
-        return httpx.get(f"{self.base_url}/metrics", timeout=5).text
+        return httpx.get(self.metrics_url, timeout=5).text
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         return metric_value(self.metrics(), name, labels)
+
+    def ready_status(self) -> int:
+        return httpx.get(f"{self.base_url}/health/ready", timeout=5).status_code
 
     def log(self) -> str:
         return self.process.log_path.read_text(errors="replace")
 
     def wait_for_encoder(self, timeout: float = 30.0) -> None:
         """The CLIP encoder loads in the background after start-up; wait until readiness says it is ready."""
-        deadline = time.monotonic() + timeout
-        while httpx.get(f"{self.base_url}/health/ready").json()["embeddings"]["state"] != "ready":
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"encoder not ready after {timeout}s:\n{self.log()[-2000:]}")
-            time.sleep(0.1)
+        ready = lambda: httpx.get(f"{self.base_url}/health/ready").json()["embeddings"]["state"] == "ready"  # noqa: E731
+        if not wait_until(ready, timeout):
+            raise TimeoutError(f"encoder not ready after {timeout}s:\n{self.log()[-2000:]}")
 
 
 @contextlib.contextmanager

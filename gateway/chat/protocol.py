@@ -48,6 +48,15 @@ def json_size(value: Any) -> int:
     return size
 
 
+def schemas_size(schemas: list[Any]) -> int:
+    """The size of all the JSON schemas one request shows the model (walked once, at validation; the context
+    check and the token estimate read it), refused past MAX_REQUEST_SCHEMA_CHARS in all."""
+    size = sum(json_size(schema) for schema in schemas)
+    if size > MAX_REQUEST_SCHEMA_CHARS:
+        raise ValueError(f"the request's tool and response schemas may be {MAX_REQUEST_SCHEMA_CHARS} characters in all")
+    return size
+
+
 def _bounded_schema(value: dict[str, Any] | None) -> dict[str, Any] | None:
     if value is not None:
         json_size(value)
@@ -190,12 +199,7 @@ class ChatCompletionRequest(SamplingParams):
 
     @model_validator(mode="after")
     def _schemas_together(self) -> ChatCompletionRequest:
-        # Walked once here; the context check and the token estimate read the stored size.
-        self._schema_chars = sum(json_size(schema) for schema in self.schemas())
-        if self._schema_chars > MAX_REQUEST_SCHEMA_CHARS:
-            raise ValueError(
-                f"the request's tool and response schemas may be {MAX_REQUEST_SCHEMA_CHARS} characters in all"
-            )
+        self._schema_chars = schemas_size(self.schemas())
         return self
 
     def schema_chars(self) -> int:

@@ -34,7 +34,7 @@ from gateway.chat.checks import (
 from gateway.chat.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.chat.retrieval import Retriever, ground
 from gateway.config import Settings
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, ServiceUnavailable
+from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, ServiceUnavailable, error_body
 from gateway.media.images import PreparedMedia
 from gateway.media.service import MediaPreparer
 from gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
@@ -80,6 +80,10 @@ class Dialect(Protocol):
         """The event that ends a stream the replica broke off (relay's `stream_error`)."""
         ...
 
+    def error_body(self, error: GatewayError) -> bytes:
+        """An error answer's body in the dialect's envelope."""
+        ...
+
     def media(self, request: Any) -> list[ChatMedia]: ...
 
     def replace_media(self, data: dict[str, Any], media: list[ChatMedia], prepared: list[PreparedMedia]) -> None: ...
@@ -99,6 +103,9 @@ class ChatDialect:
 
     def stream_error(self, error: GatewayError, tail: bytes) -> bytes:
         return chat_stream_error(error, tail)
+
+    def error_body(self, error: GatewayError) -> bytes:
+        return error_body(error)
 
     def media(self, request: Any) -> list[ChatMedia]:
         return media_parts(request)
@@ -162,7 +169,7 @@ class CompletionsEndpoint:
         except GatewayError as error:
             metrics.rejections.labels(self.route, error.code or error.type).inc()
             metrics.requests.labels(self.route, model_label, str(error.status)).inc()
-            await send_error(send, error)
+            await send_error(send, error, render=self.dialect.error_body)
             return
         in_flight = metrics.of(metrics.in_flight, self.route, model_label)
         in_flight.inc()
@@ -243,7 +250,7 @@ class CompletionsEndpoint:
         except GatewayError as error:  # queue, media, token budget or upstream refusal, all before the first byte
             status = error.status
             metrics.rejections.labels(self.route, error.code or error.type).inc()
-            await send_error(send, error)
+            await send_error(send, error, render=self.dialect.error_body)
         finally:
             in_flight.dec()
             metrics.of(metrics.requests, self.route, model_label, str(status)).inc()
@@ -265,7 +272,12 @@ def _placer(
     return lambda room: replicas.pick(ineligible, key, room)[0]
 
 
-OPERATIONS = {"/v1/chat/completions": "chat", "/v1/completions": "text_completion", "/v1/responses": "chat"}
+OPERATIONS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "text_completion",
+    "/v1/responses": "chat",
+    "/v1/messages": "chat",
+}
 
 
 def _request_attributes(route: str, request: Request) -> dict[str, str | int | float | bool]:

@@ -17,11 +17,10 @@ from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 from gateway.chat.protocol import (
     MAX_MESSAGES,
     MAX_PARTS,
-    MAX_REQUEST_SCHEMA_CHARS,
     Schema,
     Strict,
     UrlStr,
-    json_size,
+    schemas_size,
 )
 from gateway.chat.sampling import MAX_TOKENS_CEILING, CommonSampling, ShortStr
 
@@ -176,11 +175,7 @@ class ResponsesRequest(CommonSampling):
 
     @model_validator(mode="after")
     def _schemas_together(self) -> ResponsesRequest:
-        self._schema_chars = sum(json_size(schema) for schema in self.schemas())
-        if self._schema_chars > MAX_REQUEST_SCHEMA_CHARS:
-            raise ValueError(
-                f"the request's tool and text-format schemas may be {MAX_REQUEST_SCHEMA_CHARS} characters in all"
-            )
+        self._schema_chars = schemas_size(self.schemas())
         return self
 
     def schemas(self) -> list[Any]:

@@ -19,7 +19,7 @@ import orjson
 from gateway.asgi import Message, Receive, Send, send_error
 from gateway.chat.checks import ChatMedia
 from gateway.chat.serving import Generation, Placement
-from gateway.errors import GatewayError, InvalidRequest, NotFound
+from gateway.errors import GatewayError, InvalidRequest, NotFound, error_body
 from gateway.media.images import PreparedMedia
 from gateway.media.service import MediaPart
 from gateway.metrics import UNKNOWN_MODEL
@@ -65,6 +65,9 @@ class ResponsesDialect:
 
     def stream_error(self, error: GatewayError, tail: bytes) -> bytes:
         return responses_stream_error(error, tail)
+
+    def error_body(self, error: GatewayError) -> bytes:
+        return error_body(error)
 
     def media(self, request: ResponsesRequest) -> list[ChatMedia]:
         return [

@@ -30,13 +30,15 @@ _BY_TIER: dict[str, Band] = {
     "priority": Band.PRIORITY,
     "scale": Band.PRIORITY,
     "default": Band.DEFAULT,
+    "standard_only": Band.DEFAULT,  # Anthropic's name for it
     "flex": Band.FLEX,
 }
 
 
 def band_for(requested: str | None, default: ServiceTier, ceiling: ServiceTier) -> Band:
     """The band a request runs in: its `service_tier` (`auto` or none: the key's default), refused with 403 when
-    above the key's ceiling. OpenAI's `scale` is its reserved-capacity tier, served here as `priority`."""
+    above the key's ceiling. OpenAI's `scale` is its reserved-capacity tier, served here as `priority`; Anthropic's
+    `standard_only` is `default`."""
     own = _BY_TIER[default]
     band = own if requested is None or requested == "auto" else _BY_TIER[requested]
     if band < _BY_TIER[ceiling]:

@@ -20,7 +20,7 @@ from starlette.routing import Route
 from gateway.access.admission import Admission, memory_limit_bytes
 from gateway.access.keys import KeyChecker
 from gateway.access.limits import KeyLimiter, Limiter
-from gateway.asgi import ASGIApp, error_response
+from gateway.asgi import ASGIApp, ErrorRenderer, error_response
 from gateway.chat import router as chat_router
 from gateway.chat.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.chat.retrieval import LocalRetriever, RemoteRetriever, Retriever
@@ -30,6 +30,8 @@ from gateway.embeddings import router as embeddings_router
 from gateway.embeddings.service import EmbeddingsService
 from gateway.errors import GatewayError, error_for_status, validation_error
 from gateway.media.service import MediaPreparer
+from gateway.messages import router as messages_router
+from gateway.messages.protocol import CountTokensRequest, MessagesRequest
 from gateway.metrics import GatewayMetrics
 from gateway.provided import Provided
 from gateway.responses import router as responses_router
@@ -121,7 +123,7 @@ def _drain_on_sigterm(admission: Admission, delay: float) -> None:
 
 
 def _openapi_with_raw_routes(app: FastAPI) -> dict[str, Any]:
-    """FastAPI documents its own routes; the two raw-ASGI generation routes are added from their models."""
+    """FastAPI documents its own routes; the raw-ASGI generation routes are added from their models."""
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
@@ -130,6 +132,8 @@ def _openapi_with_raw_routes(app: FastAPI) -> dict[str, Any]:
         ("/v1/chat/completions", ChatCompletionRequest),
         ("/v1/completions", CompletionRequest),
         ("/v1/responses", ResponsesRequest),
+        ("/v1/messages", MessagesRequest),
+        ("/v1/messages/count_tokens", CountTokensRequest),
     )
     for path, model in raw_routes:
         model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -231,6 +235,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="vlm-gateway", version="0.1.0", lifespan=lifespan, redoc_url=None, docs_url=docs_url)
     app.router.routes.extend(chat_router.routes(generation))
     app.router.routes.extend(responses_router.routes(generation, response_ids))
+    app.router.routes.extend(messages_router.routes(generation))
     app.include_router(adapters_router.router)
     app.include_router(models.router)
     if settings.role == "proxy":
@@ -255,8 +260,8 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def hot_path(app: FastAPI, settings: Settings) -> HotPathDispatch:
-    endpoints: dict[str, ASGIApp] = {
-        route.path: route.endpoint
+    endpoints: dict[str, tuple[ASGIApp, ErrorRenderer]] = {
+        route.path: (route.endpoint, route.endpoint.dialect.error_body)
         for route in app.router.routes
         if isinstance(route, Route) and isinstance(route.endpoint, CompletionsEndpoint)
     }

@@ -1,9 +1,10 @@
 """The generation routes' short way in: straight from the server to the gateway middleware and the raw endpoint.
 
-FastAPI still owns every other route, the OpenAPI schema and the lifespan. For `POST /v1/chat/completions` and
-`POST /v1/completions` its layers (error and telemetry middleware, body-limit wrapper, router matching, exception
-wrappers, exit stack) were about a third of the gateway's CPU per request in a py-spy profile, and none of them
-does anything on this path: the middleware and the endpoint write their own OpenAI-shaped errors.
+FastAPI still owns every other route, the OpenAPI schema and the lifespan. For the generation routes (`POST
+/v1/chat/completions`, `/v1/completions`, `/v1/responses`, `/v1/messages`) its layers (error and telemetry
+middleware, body-limit wrapper, router matching, exception wrappers, exit stack) were about a third of the
+gateway's CPU per request in a py-spy profile, and none of them does anything on this path: the middleware and
+the endpoint write their own errors, in the route's dialect.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from gateway.access.keys import KeyChecker
-from gateway.asgi import ASGIApp, Message, Receive, Send
+from gateway.asgi import ASGIApp, ErrorRenderer, Message, Receive, Send
 from gateway.server.middleware import GatewayMiddleware
 
 
@@ -19,7 +20,7 @@ class HotPathDispatch:
     def __init__(
         self,
         app: FastAPI,
-        endpoints: dict[str, ASGIApp],
+        endpoints: dict[str, tuple[ASGIApp, ErrorRenderer]],
         *,
         max_body_bytes: int,
         keys: KeyChecker,
@@ -29,9 +30,14 @@ class HotPathDispatch:
         self.state = app.state  # what the server and tools may look up on "the app"
         self.routes = {
             path: GatewayMiddleware(
-                endpoint, max_body_bytes=max_body_bytes, keys=keys, log_requests=log_requests, answer_errors=True
+                endpoint,
+                max_body_bytes=max_body_bytes,
+                keys=keys,
+                log_requests=log_requests,
+                answer_errors=True,
+                render_error=render,
             )
-            for path, endpoint in endpoints.items()
+            for path, (endpoint, render) in endpoints.items()
         }
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:

@@ -15,8 +15,8 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from gateway.access.keys import ANONYMOUS, KeyChecker
 from gateway.access.scopes import EXACT, required_scope
-from gateway.asgi import ASGIApp, Message, Receive, Send, send_error
-from gateway.errors import GatewayError, PayloadTooLarge, Unauthorized
+from gateway.asgi import ASGIApp, ErrorRenderer, Message, Receive, Send, send_error
+from gateway.errors import GatewayError, PayloadTooLarge, Unauthorized, error_body
 
 REQUEST_ID_SAFE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 PROTECTED_PREFIX = "/v1/"
@@ -77,6 +77,7 @@ class GatewayMiddleware:
         keys: KeyChecker,
         log_requests: bool = False,
         answer_errors: bool = False,
+        render_error: ErrorRenderer = error_body,
     ) -> None:
         """`answer_errors`: `app` is a raw endpoint with no error handling of its own, so an exception it raises
         before its response started is answered here (a 500 in OpenAI's shape) and logged, not re-raised."""
@@ -85,6 +86,7 @@ class GatewayMiddleware:
         self.keys = keys
         self.log_requests = log_requests
         self.answer_errors = answer_errors
+        self.render_error = render_error  # the route's API dialect writes its errors (Anthropic's for /v1/messages)
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,6 +100,8 @@ class GatewayMiddleware:
                 content_length = value
             elif name == b"authorization":
                 authorization = value
+            elif name == b"x-api-key" and authorization is None:  # Anthropic's SDKs send the key here
+                authorization = b"Bearer " + value
         if request_id is None or not REQUEST_ID_SAFE.match(request_id):
             request_id = _REQUEST_IDS.next()
         state = scope.setdefault("state", {})
@@ -114,7 +118,7 @@ class GatewayMiddleware:
             nonlocal replaced
             if too_large is not None and not started and not replaced:
                 replaced = True
-                await send_error(send, too_large, extra_headers)
+                await send_error(send, too_large, extra_headers, render=self.render_error)
 
         status = 0
 
@@ -131,14 +135,14 @@ class GatewayMiddleware:
 
         limit = self.max_body_bytes
         if content_length is not None and (not content_length.isdigit() or int(content_length) > limit):
-            await send_error(send_with_id, _too_large(limit))
+            await send_error(send_with_id, _too_large(limit), render=self.render_error)
             return
         identity = ANONYMOUS
         protected = scope["path"].startswith(PROTECTED_PREFIX)
         if self.keys.enabled and protected:
             found = self.keys.identify(authorization)
             if found is None:
-                await send_error(send_with_id, Unauthorized())
+                await send_error(send_with_id, Unauthorized(), render=self.render_error)
                 return
             identity = found
         state["identity"] = identity
@@ -173,7 +177,7 @@ class GatewayMiddleware:
                     gateway.admission.check()
                     extra_headers += await gateway.limiter.admit(identity.key_id)
                 except GatewayError as error:
-                    await send_error(send_with_id, error)
+                    await send_error(send_with_id, error, render=self.render_error)
                     return
                 try:
                     await self.app(scope, capped_receive, send_with_id)
@@ -185,7 +189,7 @@ class GatewayMiddleware:
                     else:
                         log.exception("unhandled error")
                         if not started:
-                            await send_error(send_with_id, GatewayError())
+                            await send_error(send_with_id, GatewayError(), render=self.render_error)
                 finally:
                     await gateway.limiter.leave(identity.key_id)
             finally:

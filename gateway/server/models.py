@@ -26,6 +26,17 @@ class Capabilities(BaseModel):
     input_modalities: list[str] | None = None
     state: str | None = None
     routing: str | None = None  # "affinity" or "least_outstanding"
+    routes: list[str] | None = None  # the API routes (hence dialects: OpenAI's, Anthropic's) that serve it
+
+
+GENERATION_ROUTES = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+]
+EMBEDDING_ROUTES = ["/v1/embeddings", "/v1/search"]
 
 
 class ModelCard(BaseModel):
@@ -63,6 +74,7 @@ async def list_models(request: Request) -> ModelList:
                 quantization=pool.quantization,
                 replicas=ReplicaCounts(healthy=replicas.healthy_count(serving), total=len(serving)),
                 routing=pool.routing,
+                routes=GENERATION_ROUTES,
             )
             parent = None if served == name else name
             cards.append(ModelCard(id=served, created=gateway.started_at, parent=parent, capabilities=capabilities))
@@ -75,6 +87,7 @@ async def list_models(request: Request) -> ModelList:
             dimensions=encoder.dim if encoder else None,
             input_modalities=["text", "image"],
             state=embedder.status()["state"],
+            routes=EMBEDDING_ROUTES,
         )
         cards.append(
             ModelCard(id=embedder.settings.model_name(), created=gateway.started_at, capabilities=capabilities)

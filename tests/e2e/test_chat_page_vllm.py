@@ -11,7 +11,7 @@ from typing import Any
 
 from tests.e2e.conftest import API_KEY, MODEL, Replica, wait_for
 from tests.media_server import png_bytes
-from tests.support import RunningGateway
+from tests.support import RunningGateway, wait_until
 
 
 def _quiet_for(replicas: list[Replica], seconds: float) -> bool:
@@ -67,10 +67,8 @@ def test_chat_page_streams_answers_keeps_history_and_stops(
     page.fill("#params", '{"ignore_eos": true}')  # the random-weight model may otherwise stop at once
     page.click("#send")
     page.wait_for_selector(".turn.assistant >> nth=2", timeout=120_000)
-    deadline = time.monotonic() + 60
-    while not page.inner_text(".turn.assistant >> nth=2").strip():  # wait for tokens to flow
-        assert time.monotonic() < deadline, "the long answer started streaming"
-        time.sleep(0.1)
+    streaming = lambda: bool(page.inner_text(".turn.assistant >> nth=2").strip())  # noqa: E731
+    assert wait_until(streaming, 60), "the long answer started streaming"
     page.click("#stop")
     page.wait_for_selector("#stop[disabled]", state="attached")
     assert page.inner_text("#status") == "Stopped."

@@ -17,7 +17,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from tests.e2e.conftest import MODEL, VLLM_LIMITS
-from tests.support import RunningGateway, metric_value, run_gateway, write_config
+from tests.support import RunningGateway, eventually, metric_value, run_gateway, write_config
 
 KEYS = [
     {"key": "sk-flood", "namespace": "team-flood"},
@@ -26,6 +26,7 @@ KEYS = [
 ]
 FLOOD_WORKERS = 24
 LIGHT_REQUESTS = 8
+SAMPLE_EVERY = 0.25  # how often both sides' counters are read during the flood
 
 
 @dataclass
@@ -65,8 +66,10 @@ async def _queued(http: httpx.AsyncClient, band: str) -> float:
 
 
 async def _until_queued(http: httpx.AsyncClient, band: str, at_least: int) -> None:
-    while await _queued(http, band) < at_least:
-        await asyncio.sleep(0.05)
+    async def enough() -> bool:
+        return await _queued(http, band) >= at_least
+
+    assert await eventually(enough, 120), f"{at_least} requests never waited in the {band} band"
 
 
 async def _light_under_flood(http: httpx.AsyncClient, base: str, replica_url: str) -> tuple[list[Sent], list[Sent]]:
@@ -87,7 +90,7 @@ async def _light_under_flood(http: httpx.AsyncClient, base: str, replica_url: st
             ours = (await http.get("/metrics")).text
             held = metric_value(engine, "vllm:num_requests_running") + metric_value(engine, "vllm:num_requests_waiting")
             samples.append((held, metric_value(ours, "gateway_replica_inflight_limit", {"replica": replica_url})))
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(SAMPLE_EVERY)
 
     workers = [asyncio.create_task(flood_worker(n)) for n in range(FLOOD_WORKERS)]
     sampler = asyncio.create_task(sample())

@@ -27,7 +27,7 @@ from tests import helm_render
 from tests.e2e.conftest import API_KEY, MODEL, Replica, gateway_args, wait_for
 from tests.e2e.test_chat_vllm import png
 from tests.harness.processes import ManagedProcess, free_port
-from tests.support import RunningGateway, run_gateway
+from tests.support import RunningGateway, run_gateway, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "vlm-gateway"
@@ -163,7 +163,13 @@ def test_every_shipped_query_runs_on_real_scrapes(
     tmp_path: Path, log_dir: Path, prometheus: str, gateway: RunningGateway, live_replicas: list[Replica]
 ) -> None:
     _load(gateway)
-    time.sleep(4)  # several scrapes after the load: rate() needs two samples inside its window
+    loaded = time.time()
+
+    def scraped_twice_since() -> bool:  # rate() needs two samples after the load inside its window
+        stamps = _query(prometheus, 'timestamp(up{job="gateway"})')
+        return bool(stamps) and float(stamps[0]["value"][1]) > loaded + 2.5
+
+    assert wait_until(scraped_twice_since, 30)
     empty: dict[str, str] = {}
     exprs = _dashboard_exprs() + _keda_exprs(tmp_path) + [rule["expr"] for rule in _rules() if "record" in rule]
     assert len(exprs) > 30

@@ -19,6 +19,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+READY_POLL = 0.5  # how often a starting process's ready URL is asked
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -81,7 +83,7 @@ class ManagedProcess:
                 raise RuntimeError(f"{self.argv[0]} exited early; log tail:\n{self.log_tail()}")
             if _get_status(self.ready_url) == 200:
                 return
-            time.sleep(0.5)
+            time.sleep(READY_POLL)
         raise TimeoutError(f"not ready after {timeout:.0f}s: {self.ready_url}; log tail:\n{self.log_tail()}")
 
     def signal(self, sig: signal.Signals) -> None:

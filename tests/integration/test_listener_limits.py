@@ -17,9 +17,10 @@ import pytest
 
 from tests.fake_upstream import Behaviour, FakeVllm
 from tests.harness.processes import free_port
-from tests.support import RunningGateway, run_gateway_async, write_config
+from tests.support import RunningGateway, eventually, run_gateway_async, write_config
 
 MAX_CONNECTIONS = 40
+TRICKLE_EVERY = 0.1  # how often a slow client sends its next byte
 KEY = "sk-listener"
 
 
@@ -61,13 +62,6 @@ def _status(response: bytes) -> int:
 async def _live_answers(gateway: RunningGateway) -> bool:
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=2) as client:
         return (await client.get("/health/live")).status_code == 200
-
-
-def _metrics_port(gateway: RunningGateway) -> int:
-    import yaml
-
-    config = Path(gateway.process.argv[gateway.process.argv.index("--config") + 1])
-    return int(yaml.safe_load(config.read_text())["metrics_port"])
 
 
 async def _chat_answers(gateway: RunningGateway) -> int:
@@ -115,9 +109,9 @@ async def test_liveness_and_replica_health_hold_while_a_huge_header_streams_in(
     gateway: RunningGateway, fake_a: FakeVllm
 ) -> None:
     attack = asyncio.create_task(asyncio.to_thread(_send_huge_header, gateway, 256))
-    for _ in range(10):
+    for _ in range(10):  # probes spread over the attack
         assert await _live_answers(gateway)
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(TRICKLE_EVERY)
     await attack
     assert gateway.metric("gateway_replica_healthy", {"model": "m"}) == 1
 
@@ -129,7 +123,7 @@ async def test_dribbled_heads_get_408_and_stalled_bodies_are_cut(gateway: Runnin
     for byte in b"host: x\r\n":
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(bytes([byte]))
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(5 * TRICKLE_EVERY)
         if time.monotonic() - started > 4:
             break
     response = await asyncio.to_thread(_read_all, sock)
@@ -180,7 +174,7 @@ async def test_trickled_bodies_cannot_hold_the_listener(gateway: RunningGateway)
             assert await _live_answers(gateway)
             assert await _chat_answers(gateway) == 200
             async with httpx.AsyncClient(timeout=2) as client:
-                side = f"http://127.0.0.1:{_metrics_port(gateway)}"
+                side = gateway.metrics_url.removesuffix("/metrics")
                 assert (await client.get(f"{side}/health/live")).status_code == 200
                 assert (await client.get(f"{side}/health/ready")).status_code == 200
                 assert b"gateway_requests_total" in (await client.get(f"{side}/metrics")).content
@@ -209,7 +203,7 @@ async def test_an_answered_request_does_not_wait_for_the_rest_of_its_body(gatewa
             while not stop.is_set():
                 with contextlib.suppress(OSError):
                     sock.sendall(b"x" * 64)
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(TRICKLE_EVERY)
 
         sender = asyncio.create_task(keep_sending())
         try:
@@ -234,8 +228,7 @@ async def test_busy_connections_at_the_cap_refuse_the_next_with_503(gateway: Run
             sock = _connect(gateway)
             sock.sendall(request)
             busy.append(sock)
-        while fake_a.hits < MAX_CONNECTIONS:
-            await asyncio.sleep(0.05)
+        assert await eventually(lambda: fake_a.hits == MAX_CONNECTIONS)
         extra = _connect(gateway)
         response = await asyncio.to_thread(_read_all, extra)
         extra.close()
@@ -243,11 +236,7 @@ async def test_busy_connections_at_the_cap_refuse_the_next_with_503(gateway: Run
     finally:
         for sock in busy:
             sock.close()
-    for _ in range(50):
-        if await _live_answers(gateway):
-            break
-        await asyncio.sleep(0.1)
-    assert await _live_answers(gateway), "service comes back once the busy connections close"
+    assert await eventually(lambda: _live_answers(gateway), 5), "service comes back once the busy connections close"
 
 
 async def test_a_large_body_behind_a_small_head_is_not_counted_as_head(gateway: RunningGateway) -> None:

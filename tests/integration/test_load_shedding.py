@@ -7,8 +7,6 @@ import base64
 import io
 import os
 import signal
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import orjson
 from PIL import Image
 
 from tests.fake_upstream import Behaviour, FakeVllm
-from tests.support import RunningGateway, run_gateway_async, write_config
+from tests.support import RunningGateway, eventually, run_gateway_async, write_config
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 JSON = {"content-type": "application/json"}
@@ -60,9 +58,9 @@ async def test_pool_saturation_gauges_follow_queued_and_visual_work(
     with_image = {**CHAT, "stream": True, "messages": [{"role": "user", "content": [image]}]}
     async with run_gateway_async(args, log_dir) as gateway:
         work = [asyncio.create_task(_post(gateway, with_image)) for _ in range(3)]
-        assert await _eventually(lambda: gateway.metric("gateway_pool_queued_requests", {"model": "m"}) == 2, 3)
+        assert await eventually(lambda: gateway.metric("gateway_pool_queued_requests", {"model": "m"}) == 2, 3)
         # The open request counts its image once its replica answered: polled, as the queue gauge is.
-        assert await _eventually(
+        assert await eventually(
             lambda: gateway.metric("gateway_pool_visual_tokens_in_flight", {"model": "m"}) == 4, 3
         ), "one 56x56 image open"
         assert [r.status_code for r in await asyncio.gather(*work)] == [200] * 3
@@ -117,7 +115,7 @@ async def test_token_budget_counts_max_tokens(tmp_path: Path, log_dir: Path, fak
 async def test_memory_pressure_sheds_new_work_but_stays_alive(tmp_path: Path, log_dir: Path, fake_a: FakeVllm) -> None:
     args = _config(tmp_path, fake_a, memory_limit_bytes=10 * 1024 * 1024)  # far below the process's own RSS
     async with run_gateway_async(args, log_dir) as gateway:
-        await asyncio.sleep(0.6)
+        assert await eventually(lambda: gateway.ready_status() == 503), "the memory sampler sees the pressure"
         response = await _post(gateway, CHAT)
         assert response.status_code == 503 and "memory pressure" in response.json()["error"]["message"]
         async with httpx.AsyncClient(base_url=gateway.base_url) as client:
@@ -140,9 +138,9 @@ async def test_sigterm_drains_in_flight_streams_and_refuses_new_work(
                     return b"".join([c async for c in response.aiter_raw()])
 
             streams = [asyncio.create_task(stream()) for _ in range(5)]
-            await asyncio.sleep(0.4)
+            assert await eventually(lambda: fake_a.hits == 5), "all five streams are open"
             gateway.process.signal(signal.SIGTERM)
-            await asyncio.sleep(0.2)
+            assert await eventually(lambda: gateway.ready_status() == 503)
             ready = await client.get("/health/ready")
             refused = await client.post("/v1/chat/completions", content=orjson.dumps(CHAT), headers=JSON)
             bodies = await asyncio.gather(*streams)
@@ -156,23 +154,13 @@ async def test_sigterm_drains_in_flight_streams_and_refuses_new_work(
         assert "Application shutdown complete" in gateway.log(), "lifespan shutdown ran (final snapshots etc.)"
 
 
-async def _eventually(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
-    """The keys file is polled about once a second; a loaded runner may take a few polls to see a change."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.2)
-    return True
-
-
 async def _eventually_status(gateway: RunningGateway, key: str, status: int, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while (await _post(gateway, CHAT, key)).status_code != status:
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.2)
-    return True
+    """The keys file is polled about once a second; a loaded runner may take a few polls to see a change."""
+
+    async def answered() -> bool:
+        return (await _post(gateway, CHAT, key)).status_code == status
+
+    return await eventually(answered, timeout)
 
 
 async def test_keys_file_changes_apply_without_restart(tmp_path: Path, log_dir: Path, fake_a: FakeVllm) -> None:
@@ -190,7 +178,7 @@ async def test_keys_file_changes_apply_without_restart(tmp_path: Path, log_dir: 
         assert (await _post(gateway, CHAT, "sk-second")).status_code == 200
         assert (await _post(gateway, CHAT, "sk-second")).status_code == 429, "its own limits apply too"
         keys_file.write_text("- key: [this is not a key\n")
-        assert await _eventually(lambda: "not reloaded" in gateway.log())
+        assert await eventually(lambda: "not reloaded" in gateway.log())
         assert (await _post(gateway, CHAT, "sk-first")).status_code == 401, "a broken file changes nothing"
         assert "sk-second" not in gateway.log()
         keys_file.write_text("[]\n")
@@ -229,7 +217,7 @@ async def test_refused_photos_leave_no_memory_behind_and_shedding_recovers(
             }
             statuses.append((await _post(gateway, body)).status_code)
         assert set(statuses) <= {400, 503} and 400 in statuses, statuses
-        recovered = await _eventually(lambda: httpx.get(f"{gateway.base_url}/health/ready").status_code == 200, 20)
+        recovered = await eventually(lambda: httpx.get(f"{gateway.base_url}/health/ready").status_code == 200, 20)
         assert recovered, httpx.get(f"{gateway.base_url}/health/ready").text
         assert (await _post(gateway, CHAT)).status_code == 200
         assert fake_a.hits == 1, "no refused photo reached the replica"
@@ -244,11 +232,11 @@ async def test_a_client_that_hangs_up_while_queued_reaches_no_replica(
     queued = {"model": "m", "band": "default"}
     async with run_gateway_async(args, log_dir) as gateway:
         holder = asyncio.create_task(_post(gateway, {**CHAT, "stream": True}))
-        assert await _eventually(lambda: fake_a.hits == 1, 5)
+        assert await eventually(lambda: fake_a.hits == 1, 5)
         leaving = asyncio.create_task(_post(gateway, CHAT))
-        assert await _eventually(lambda: gateway.metric("gateway_queue_requests", queued) == 1, 5)
+        assert await eventually(lambda: gateway.metric("gateway_queue_requests", queued) == 1, 5)
         leaving.cancel()  # the client closes its connection while its request waits
-        assert await _eventually(lambda: gateway.metric("gateway_queue_requests", queued) == 0, 5)
+        assert await eventually(lambda: gateway.metric("gateway_queue_requests", queued) == 0, 5)
         assert (await holder).status_code == 200
         assert fake_a.hits == 1, "the request that left was never sent"
         assert (await _post(gateway, CHAT)).status_code == 200 and fake_a.hits == 2

@@ -15,7 +15,7 @@ import pytest
 
 from tests.fake_upstream import FakeVllm
 from tests.harness.processes import free_port
-from tests.support import RunningGateway, run_gateway_async, write_config
+from tests.support import RunningGateway, eventually, run_gateway_async, write_config
 
 KEY = "sk-test-4c0ffee-very-secret"
 WRONG_KEY = "sk-wrong-deadbeef-also-secret"
@@ -252,7 +252,7 @@ async def test_all_replicas_down_keeps_liveness_and_says_what_is_unservable(tmp_
     config = write_config(tmp_path / "down.yaml", [{"name": "m", "upstreams": dead}], health_check_interval=0.2)
     async with run_gateway_async(["--config", str(config)], log_dir) as gateway:
         async with httpx.AsyncClient(base_url=gateway.base_url, timeout=10) as client:
-            await asyncio.sleep(1)
+            assert await eventually(lambda: gateway.ready_status() == 503), "health checks marked both down"
             live = await client.get("/health/live")
             ready = await client.get("/health/ready")
             response = await client.post("/v1/chat/completions", content=orjson.dumps(chat()), headers=AUTH)

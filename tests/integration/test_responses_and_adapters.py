@@ -5,7 +5,6 @@ replaced, adapter routing by what each replica lists, and loading adapters only 
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +15,7 @@ import orjson
 import pytest
 
 from tests.fake_upstream import Behaviour, FakeVllm
-from tests.support import RunningGateway, png_data_url, run_gateway_async, write_config
+from tests.support import RunningGateway, eventually, png_data_url, run_gateway_async, write_config
 
 ALICE, BOB, ADMIN, ROGUE = "sk-alice", "sk-bob", "sk-admin", "sk-rogue"
 ID = re.compile(r"resp_[0-9a-f]{64}")
@@ -49,7 +48,12 @@ async def gateway(tmp_path: Path, log_dir: Path, fake_a: FakeVllm, fake_b: FakeV
     ]
     config = write_config(tmp_path / "g.yaml", models, keys=keys, health_check_interval=0.5)
     async with run_gateway_async(["--config", str(config)], log_dir) as running:
-        await asyncio.sleep(1.2)  # a health check has read each replica's /v1/models
+
+        def adapters_read() -> bool:  # a health check has read each replica's /v1/models: a1 is on A alone
+            cards = httpx.get(f"{running.base_url}/v1/models", headers={"Authorization": f"Bearer {ALICE}"}).json()
+            return any(c["id"] == "a1" and c["capabilities"]["replicas"]["total"] == 1 for c in cards["data"])
+
+        assert await eventually(adapters_read)
         yield running
 
 
@@ -221,8 +225,7 @@ async def test_adapters_load_only_from_the_roots_and_come_back_after_a_restart(
     assert loaded.status_code == 200 and loaded.json() == {"name": "d1", "parent": "m", "replicas": 2}
     assert fake_a.models["d1"] == fake_b.models["d1"] == "m"
     del fake_b.models["d1"]  # replica B restarted: vLLM forgets adapters loaded at runtime
-    await asyncio.sleep(1.5)
-    assert fake_b.models.get("d1") == "m", "re-applied at the next health check"
+    assert await eventually(lambda: fake_b.models.get("d1") == "m"), "re-applied at the next health check"
     assert (await _call(gateway, "POST", "/v1/responses", _create(model="d1"))).status_code == 200
     unloaded = await _call(gateway, "DELETE", "/v1/adapters/d1", key=ADMIN)
     assert unloaded.status_code == 200 and "d1" not in fake_a.models and "d1" not in fake_b.models

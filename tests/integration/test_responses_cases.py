@@ -21,7 +21,8 @@ import pytest
 
 from tests.fake_upstream import Behaviour, FakeVllm
 from tests.harness.processes import free_port
-from tests.support import RunningGateway, png_data_url, run_gateway_async, write_config
+from tests.media_server import DRIP_EVERY
+from tests.support import RunningGateway, eventually, png_data_url, run_gateway_async, write_config
 
 HEADERS = {"content-type": "application/json"}
 
@@ -111,7 +112,7 @@ async def test_a_drip_fed_media_host_is_cut_off(tmp_path: Path, log_dir: Path, f
             for _ in range(600):
                 writer.write(b"\x00")
                 await writer.drain()
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(DRIP_EVERY)
 
     server = await asyncio.start_server(drip, "127.0.0.1", free_port())
     port = server.sockets[0].getsockname()[1]
@@ -237,11 +238,7 @@ async def test_a_client_leaving_mid_stream_closes_the_upstream(
         ) as r:
             async for _ in r.aiter_raw():
                 break  # the first event arrived: hang up
-    for _ in range(50):
-        if fake_a.aborted + fake_b.aborted == 1:
-            break
-        await asyncio.sleep(0.1)
-    assert fake_a.aborted + fake_b.aborted == 1
+    assert await eventually(lambda: fake_a.aborted + fake_b.aborted == 1, 5)
 
 
 async def test_a_replica_that_refuses_connections_is_skipped(

@@ -21,9 +21,12 @@ import pytest
 
 from gateway.cli import main as cli_main
 from tests.harness.processes import free_port
-from tests.support import RunningGateway, run_gateway, write_config
+from tests.support import RunningGateway, run_gateway, wait_until, write_config
 
 DIM = 16
+
+
+LOAD_PHASE = 1.0  # how long the writer and searcher run before and after a fault
 
 
 def _vector(rng: random.Random) -> list[float]:
@@ -67,14 +70,14 @@ class LiteProcess:
         self.process = subprocess.Popen([*argv, "--host", "127.0.0.1", "--port", str(self.port)])
         from pymilvus import MilvusClient
 
-        deadline = time.monotonic() + 30
-        while True:
+        def listening() -> bool:
             try:
                 MilvusClient(uri=self.uri, timeout=1).list_collections(timeout=1)
-                return
             except Exception:
-                assert time.monotonic() < deadline, "milvus-lite server did not listen"
-                time.sleep(0.2)
+                return False
+            return True
+
+        assert wait_until(listening, 30), "milvus-lite server did not listen"
 
     def kill(self) -> None:
         assert self.process is not None
@@ -162,9 +165,9 @@ def test_milvus_down_answers_503_then_recovers_without_a_restart(
 
         loader = threading.Thread(target=load)
         loader.start()
-        time.sleep(1.0)
+        time.sleep(LOAD_PHASE)  # the writer and searcher run before the fault
         lite.kill()
-        time.sleep(2.0)
+        assert wait_until(lambda: client.post("/v1/search", json=query).status_code == 503, 30)
         search = client.post("/v1/search", json=query)
         write = client.post("/v1/collections/c/items", json={"items": [{"id": "lost", "vector": _vector(rng)}]})
         for refused in (search, write):
@@ -175,11 +178,8 @@ def test_milvus_down_answers_503_then_recovers_without_a_restart(
         assert ready.status_code == 503 and "milvus" in ready.text
         assert gateway.metric("gateway_index_backend_errors_total", {"backend": "milvus"}) >= 1
         lite.start()
-        deadline = time.monotonic() + 30
-        while client.get("/health/ready").status_code != 200:
-            assert time.monotonic() < deadline, client.get("/health/ready").text
-            time.sleep(0.5)
-        time.sleep(1.0)
+        assert wait_until(lambda: client.get("/health/ready").status_code == 200, 30), client.get("/health/ready").text
+        time.sleep(LOAD_PHASE)
         stop.set()
         loader.join(30)
         assert set(statuses) <= {200, 503} and 503 in statuses and statuses[-1] == 200, sorted(set(statuses))
@@ -198,10 +198,8 @@ def test_a_killed_lite_child_is_started_again(tmp_path: Path, log_dir: Path) -> 
         assert client.post("/v1/collections/c/items", json={"items": [item]}).status_code == 200
         first = _lite_child_pid(gateway)
         subprocess.run(["kill", "-9", str(first)], check=True)
-        deadline = time.monotonic() + 30
-        while _lite_child_pid(gateway) == first or client.get("/health/ready").status_code != 200:
-            assert time.monotonic() < deadline, "the gateway starts Lite again and serves"
-            time.sleep(0.5)
+        started_again = lambda: _lite_child_pid(gateway) != first and client.get("/health/ready").status_code == 200  # noqa: E731
+        assert wait_until(started_again, 30), "the gateway starts Lite again and serves"
         assert client.get("/v1/collections/c/items/x").json()["vector"] == pytest.approx(item["vector"], abs=1e-6)
         client.close()
 

@@ -8,7 +8,6 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import pytest
 
 from tests.fake_upstream import Behaviour, FakeVllm
 from tests.harness.processes import free_port
-from tests.support import RunningGateway, run_gateway_async, write_config
+from tests.support import RunningGateway, eventually, run_gateway_async, wait_until, write_config
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 JSON = {"content-type": "application/json"}
@@ -37,15 +36,16 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     server = subprocess.Popen([*argv, "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+
+        def answers() -> bool:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.5) as probe:
                     probe.sendall(b"PING\r\n")
-                    if probe.recv(16).startswith(b"+PONG"):
-                        break
+                    return probe.recv(16).startswith(b"+PONG")
             except OSError:
-                time.sleep(0.05)
+                return False
+
+        assert wait_until(answers, 10), "redis-server did not start"
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         server.terminate()
@@ -93,7 +93,7 @@ async def test_concurrency_is_counted_across_replicas_and_released(
         run_gateway_async(_config(tmp_path, fake_a, "b", **settings), log_dir) as b,
     ):
         holding = asyncio.create_task(_post(a, "sk-one", {**CHAT, "stream": True}))
-        await asyncio.sleep(0.5)
+        assert await eventually(lambda: fake_a.hits == 1), "the stream holds its key's one slot"
         second = await _post(b, "sk-one")
         assert second.status_code == 429 and "in flight" in second.json()["error"]["message"]
         assert (await holding).status_code == 200

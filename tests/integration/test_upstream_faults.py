@@ -20,6 +20,10 @@ JSON = {"content-type": "application/json"}
 STREAM = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
 
 
+PAUSE = 2.5  # longer than the pools' 1 s idle timeout
+BREAKER_COOLDOWN = 1.0
+
+
 def _config(tmp_path: Path, upstreams: list[str], **pool: Any) -> list[str]:
     # These tests send one identical request again and again and count hits per replica: under affinity routing
     # it maps to one replica chosen by the (random) ports, so rotation is asked for unless a test says otherwise.
@@ -195,7 +199,7 @@ async def test_slow_reading_client_is_not_an_idle_replica(tmp_path: Path, log_di
                 received = bytearray()
                 async for chunk in r.aiter_raw():
                     if not received:
-                        await asyncio.sleep(2.5)  # stop reading for longer than `idle`
+                        await asyncio.sleep(PAUSE)  # stop reading for longer than `idle`
                     received += chunk
         assert received.endswith(b"data: [DONE]\n\n")
         assert b'"error"' not in received
@@ -217,7 +221,7 @@ async def test_a_gateway_paused_past_the_idle_timeout_keeps_the_stream(
                 async for chunk in r.aiter_raw():
                     if not received:
                         gateway.process.signal(signal.SIGSTOP)
-                        await asyncio.sleep(2.5)  # the replica keeps sending into the stopped gateway's socket
+                        await asyncio.sleep(PAUSE)  # the replica keeps sending into the stopped gateway's socket
                         gateway.process.signal(signal.SIGCONT)
                     received += chunk
         assert b'"error"' not in received, bytes(received[-300:])
@@ -283,17 +287,21 @@ async def test_breaker_stops_sending_to_a_failing_replica_then_probes_it(
     fake_a.behaviour = Behaviour(mode="status", status=500)
     models = [{"name": "m", "upstreams": [fake_a.url, fake_b.url], "routing": "least_outstanding"}]
     path = write_config(
-        tmp_path / "breaker.yaml", models, health_check_interval=60, breaker_failures=3, breaker_cooldown=1.0
+        tmp_path / "breaker.yaml",
+        models,
+        health_check_interval=60,
+        breaker_failures=3,
+        breaker_cooldown=BREAKER_COOLDOWN,
     )
     async with run_gateway_async(["--config", str(path)], log_dir) as gateway:
         statuses = [(await _post(gateway, CHAT)).status_code for _ in range(20)]
         assert statuses.count(502) == 3 and fake_a.hits == 3, "three failures open the breaker; then A is skipped"
         assert fake_b.hits == 17
-        await asyncio.sleep(1.2)
+        await asyncio.sleep(1.2 * BREAKER_COOLDOWN)  # the cool-down running out is what is tested
         statuses = [(await _post(gateway, CHAT)).status_code for _ in range(6)]
         assert fake_a.hits == 4 and statuses.count(502) == 1, "after the cool-down, exactly one probe"
         fake_a.behaviour = Behaviour()
-        await asyncio.sleep(1.2)
+        await asyncio.sleep(1.2 * BREAKER_COOLDOWN)  # the cool-down running out is what is tested
         for _ in range(6):
             assert (await _post(gateway, CHAT)).status_code == 200
         assert fake_a.hits > 5, "a good probe closes the breaker and A serves again"

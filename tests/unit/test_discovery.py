@@ -13,6 +13,8 @@ from gateway.upstream.discovery import DiscoveryFailed, replica_urls, system_res
 from gateway.upstream.pool import Pools, ReplicaSet
 from tests.support import metric_value
 
+HANG = 60.0  # a resolver that never answers in a test's time
+
 
 def test_each_address_becomes_a_base_url_on_the_discover_port() -> None:
     urls = replica_urls("http://vllm.serving.svc:8000", ["10.0.0.7", "10.0.0.5", "fd00::1", "10.0.0.5"])
@@ -85,7 +87,7 @@ async def test_a_dns_outage_keeps_the_replicas_last_seen_and_is_counted() -> Non
 
 async def test_a_resolver_that_hangs_is_cut_at_the_health_check_timeout() -> None:
     async def hangs(host: str, port: int) -> list[str]:
-        await asyncio.sleep(60)
+        await asyncio.sleep(HANG)
         return []
 
     settings = Settings(models=[{"name": "m", "discover": "http://vllm:8000"}], health_check_timeout=0.05)

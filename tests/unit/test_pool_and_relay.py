@@ -7,6 +7,9 @@ from gateway.metrics import GatewayMetrics
 from gateway.upstream.pool import Replica, ReplicaSet
 from gateway.upstream.relay import usage_from_stream_tail
 
+COOLDOWN = 0.01
+BREAKER_COOLDOWN = 0.05
+
 
 def _replicas(n: int) -> ReplicaSet:
     return ReplicaSet(ModelPool(name="m", upstreams=[f"http://r{i}" for i in range(n)]), GatewayMetrics())
@@ -49,8 +52,8 @@ def test_down_cooling_and_excluded_replicas_are_skipped() -> None:
 def test_cooldown_expires() -> None:
     replicas = _replicas(1)
     (a,) = replicas.replicas
-    replicas.cool_down(a, 0.01)
-    time.sleep(0.02)
+    replicas.cool_down(a, COOLDOWN)
+    time.sleep(2 * COOLDOWN)  # the time running out is what is tested
     assert replicas.pick(set())[0] is a
 
 
@@ -80,7 +83,7 @@ def test_breaker_opens_after_consecutive_failures_and_half_opens_for_one_probe()
         ModelPool(name="m", upstreams=["http://r0", "http://r1"]),
         GatewayMetrics(),
         breaker_failures=3,
-        breaker_cooldown=0.05,
+        breaker_cooldown=BREAKER_COOLDOWN,
     )
     a, b = replicas.replicas
     for _ in range(2):
@@ -89,12 +92,12 @@ def test_breaker_opens_after_consecutive_failures_and_half_opens_for_one_probe()
     replicas.record_failure(a)
     assert a.breaker_open
     assert {replicas.pick(set())[0] for _ in range(4)} == {b}, "open: skipped"
-    time.sleep(0.06)
+    time.sleep(1.2 * BREAKER_COOLDOWN)  # the cool-down running out is what is tested
     assert _use(replicas, {b}) is a and a.probing, "half-open: one probe"
     assert _use(replicas, {b}) is None, "no second request while the probe is out"
     replicas.record_failure(a)
     assert a.breaker_open and not a.probing and _use(replicas, {b}) is None, "a failed probe re-opens"
-    time.sleep(0.06)
+    time.sleep(1.2 * BREAKER_COOLDOWN)  # the cool-down running out is what is tested
     assert _use(replicas, {b}) is a
     replicas.record_success(a)
     assert not a.breaker_open and _use(replicas, {b}) is a and not a.probing, "a good probe closes it"

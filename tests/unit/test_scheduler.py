@@ -101,7 +101,7 @@ async def _serve_backlog(scheduler: Scheduler[Member], tickets: list[Ticket[Memb
     async def wait(ticket: Ticket[Member]) -> None:
         grant = await scheduler.acquire(ticket)
         served.append((ticket.tenant, ticket.cost))
-        await asyncio.sleep(0)
+        await _settle()
         grant.release()
 
     tasks = [asyncio.create_task(wait(t)) for t in tickets]
@@ -165,7 +165,7 @@ async def test_a_tenant_that_was_idle_banks_no_credit() -> None:
     async def wait(ticket: Ticket[Member]) -> None:
         grant = await scheduler.acquire(ticket)
         order.append(ticket.tenant)
-        await asyncio.sleep(0)
+        await _settle()
         grant.release()
 
     busy = [asyncio.create_task(wait(_ticket(members, "busy", cost=10.0))) for _ in range(10)]
@@ -260,6 +260,7 @@ def test_band_for_maps_tiers_and_refuses_above_the_ceiling() -> None:
     assert band_for("auto", "flex", "default") is Band.FLEX
     assert band_for("flex", "default", "default") is Band.FLEX
     assert band_for("priority", "default", "priority") is Band.PRIORITY
+    assert band_for("standard_only", "flex", "default") is Band.DEFAULT  # Anthropic's tier name
     with pytest.raises(PermissionDenied) as refused:
         band_for("priority", "default", "default")
     assert refused.value.param == "service_tier"
@@ -358,3 +359,20 @@ def test_flex_counts_on_the_batch_the_engine_runs_not_the_probing_limit() -> Non
     limit.observe(4, holding=8, running=4)  # full at 4: cut, and the batch is seen
     limit.observe(0, holding=6, running=4)
     assert limit.batch == 4 and limit.running_share == 4 and limit.value >= 5
+
+
+async def test_no_weight_lets_a_band_pass_a_higher_one() -> None:
+    """CASES G4: weights share a band; a key with the largest weight still waits behind the priority band."""
+    members = [_member(1)]
+    scheduler = _scheduler(members)
+    holder = await scheduler.acquire(_ticket(members, "h"))
+    heavy = [asyncio.create_task(scheduler.acquire(_ticket(members, "heavy", weight=100.0))) for _ in range(3)]
+    await _settle()
+    urgent = asyncio.create_task(scheduler.acquire(_ticket(members, "urgent", Band.PRIORITY, weight=0.01)))
+    await _settle()
+    holder.release()
+    grant = await urgent
+    assert grant.replica is members[0] and not any(task.done() for task in heavy)
+    grant.release()
+    for task in heavy:
+        (await task).release()
