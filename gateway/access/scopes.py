@@ -18,6 +18,8 @@ EXACT: dict[tuple[str, str], Scope] = {
     ("POST", "/v1/responses"): "read",
     ("POST", "/v1/messages"): "read",
     ("POST", "/v1/messages/count_tokens"): "read",
+    ("POST", "/tokenize"): "read",
+    ("POST", "/detokenize"): "read",
     ("POST", "/v1/embeddings"): "read",
     ("POST", "/v1/search"): "read",
     ("GET", "/v1/models"): "read",

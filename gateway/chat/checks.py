@@ -32,8 +32,12 @@ class Request(Protocol):
     PROMPT_FIELD: ClassVar[str]  # named by a context-length error: "messages", "prompt", "input"
     TOKENS_FIELD: ClassVar[str]  # "max_tokens" or "max_output_tokens"
     model: str
-    stream: bool
-    prompt_cache_key: str | None
+
+    @property
+    def stream(self) -> bool: ...
+
+    @property
+    def prompt_cache_key(self) -> str | None: ...
 
     @property
     def model_extra(self) -> dict[str, Any] | None: ...

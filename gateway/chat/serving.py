@@ -165,7 +165,7 @@ class CompletionsEndpoint:
             namespace = identity.namespace
             band = band_for(request.service_tier, identity.service_tier, identity.max_service_tier)
             placement = self.dialect.placement(replicas, request, namespace)
-            only = _eligible(replicas, request.model, placement.only)
+            only = eligible_replicas(replicas, request.model, placement.only)
         except GatewayError as error:
             metrics.rejections.labels(self.route, error.code or error.type).inc()
             metrics.requests.labels(self.route, model_label, str(error.status)).inc()
@@ -293,7 +293,7 @@ def _request_attributes(route: str, request: Request) -> dict[str, str | int | f
     return attributes
 
 
-def _eligible(
+def eligible_replicas(
     replicas: ReplicaSet, model: str, pinned: Callable[[Replica], bool] | None
 ) -> Callable[[Replica], bool] | None:
     """The replicas that may answer: those serving the adapter a request names, within the dialect's own choice

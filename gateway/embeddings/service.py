@@ -38,6 +38,10 @@ CLIP_CHARS = 77 * 32 * 2
 TOKENIZE_CHUNK = 32
 
 
+# The longest side CLIP's preprocessing reads (its models take 224-448 px inputs): a JPEG decodes no larger.
+ENCODER_SIDE = 448
+
+
 def clip_prefix(text: str) -> str:
     return " ".join(text.split(maxsplit=CLIP_WORDS)[:CLIP_WORDS])[:CLIP_CHARS]
 
@@ -138,11 +142,13 @@ class EmbeddingsService:
         items: list[Any],
         params: list[str],
         keep: Callable[[Image.Image], bytes | None] | None = None,
+        keep_side: int = 0,
     ) -> tuple[Vectors, list[bytes | None]]:
         """Vectors for texts / image parts on behalf of another service (search), same rules and batching;
         `params[i]` names item i in that service's request, for errors. `keep`, if given, also makes something of
-        each decoded image (its display copy) in the same decode, returned per item (None for texts)."""
-        vectors, _, kept = await self._encode(encoder, items, params, keep)
+        each decoded image (its display copy, `keep_side` pixels at most) in the same decode, returned per item
+        (None for texts)."""
+        vectors, _, kept = await self._encode(encoder, items, params, keep, keep_side)
         return vectors, kept
 
     async def _encode(
@@ -151,6 +157,7 @@ class EmbeddingsService:
         items: list[Any],
         params: list[str],
         keep: Callable[[Image.Image], bytes | None] | None = None,
+        keep_side: int = 0,
     ) -> tuple[Vectors, int, list[bytes | None]]:
         texts: list[tuple[int, str]] = []
         token_ids: list[tuple[int, list[int]]] = []
@@ -182,10 +189,12 @@ class EmbeddingsService:
         text_positions = [i for i, _ in texts] + [i for i, _ in token_ids]
         urls = [(url, f"{params[i]}.image_url") for i, url in images]
         kept: list[bytes | None] = [None] * len(items)
+        # Decoded no larger than its uses need (a JPEG, reduce on load): CLIP's input and the display copy.
+        cover = max(ENCODER_SIDE, keep_side)
         if keep is None:
-            pixel_rows = await self._media.load_images(urls, encoder.preprocess)
+            pixel_rows = await self._media.load_images(urls, encoder.preprocess, cover)
         else:
-            both = await self._media.load_images(urls, lambda image: (encoder.preprocess(image), keep(image)))
+            both = await self._media.load_images(urls, lambda image: (encoder.preprocess(image), keep(image)), cover)
             pixel_rows = [pixels for pixels, _ in both]
             for (i, _), (_, made) in zip(images, both, strict=True):
                 kept[i] = made

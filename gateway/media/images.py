@@ -91,19 +91,30 @@ def exif_orientation(image: Image.Image) -> int | None:
     return orientation if isinstance(orientation, int) else None
 
 
-def load_rgb(image: Image.Image, param: str) -> Image.Image:
+def load_rgb(image: Image.Image, param: str, cover: int | None = None) -> Image.Image:
     """Decode an opened image to RGB, upright, alpha flattened on white (first frame only: an animation is read
-    as a still). For callers that want a Pillow image (CLIP's preprocess, display copies)."""
+    as a still). For callers that want a Pillow image (CLIP's preprocess, display copies). With `cover`, a JPEG
+    is decoded at the smallest DCT scale whose sides are still at least `cover` pixels (reduce on load); the
+    image is turned upright only when its EXIF says so (Pillow's transpose copies the whole image otherwise)."""
     try:
+        if cover is not None and image.format == "JPEG":
+            image.draft("RGB", (cover, cover))
+        orientation = exif_orientation(image)
         image.load()
-        return flatten_to_rgb(ImageOps.exif_transpose(image) or image)
+        if orientation not in (None, 1):
+            image = ImageOps.exif_transpose(image) or image
+        return flatten_to_rgb(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageRefused("The image could not be decoded.", param=param) from None
 
 
-def decode_image(data: bytes, *, max_decode_pixels: int, formats: tuple[str, ...], param: str) -> Image.Image:
-    """An RGB image from untrusted bytes: format allow-list, header pixel check, tile check, EXIF orientation."""
-    return load_rgb(open_image(data, max_decode_pixels=max_decode_pixels, formats=formats, param=param), param)
+def decode_image(
+    data: bytes, *, max_decode_pixels: int, formats: tuple[str, ...], param: str, cover: int | None = None
+) -> Image.Image:
+    """An RGB image from untrusted bytes: format allow-list, header pixel check, tile check, EXIF orientation;
+    a JPEG no larger than `cover` needs (see load_rgb)."""
+    image = open_image(data, max_decode_pixels=max_decode_pixels, formats=formats, param=param)
+    return load_rgb(image, param, cover)
 
 
 def prepare_image(

@@ -30,7 +30,7 @@ cv2.setNumThreads(1)
 def flatten_to_rgb(image: Image.Image) -> Image.Image:
     """RGB, with any transparency composited on white (what a viewer shows), never a black background."""
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")  # converting RGBA to itself copies it
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background

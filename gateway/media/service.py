@@ -246,10 +246,13 @@ class MediaPreparer:
             prepared = await loop.run_in_executor(self._executor, prepare_video, data, self._video_caps, part.param)
         return prepared
 
-    async def load_images(self, urls: list[tuple[str, str]], transform: Callable[[Image.Image], T]) -> list[T]:
+    async def load_images(
+        self, urls: list[tuple[str, str]], transform: Callable[[Image.Image], T], cover: int | None = None
+    ) -> list[T]:
         """Fetch and decode (url, param) images under the same rules, then `transform` each in the decode pool.
 
-        For encoders that bring their own resizing (CLIP's preprocess), so no Qwen budget applies.
+        For encoders that bring their own resizing (CLIP's preprocess), so no Qwen budget applies. `cover`: the
+        longest side any use of the image needs (a JPEG is decoded no larger than that, reduce on load).
         """
         budget = _RequestBudget(self.settings.max_request_bytes)
         formats, max_pixels = self._formats, self.settings.max_decode_pixels
@@ -264,7 +267,9 @@ class MediaPreparer:
             data, source = await self._read(url, "image", param, budget)
             result = await loop.run_in_executor(
                 self._executor,
-                lambda: transform(decode_image(data, max_decode_pixels=max_pixels, formats=formats, param=param)),
+                lambda: transform(
+                    decode_image(data, max_decode_pixels=max_pixels, formats=formats, param=param, cover=cover)
+                ),
             )
             self.metrics.media_items.labels("image", source).inc()
             self.metrics.media_prepare_seconds.labels("image", source).observe(time.perf_counter() - started)

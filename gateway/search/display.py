@@ -21,8 +21,7 @@ def display_copy(image: Image.Image, size: int, max_bytes: int) -> bytes | None:
     """The JPEG display copy of an RGB image, or None when even SMALLEST px cannot fit in max_bytes."""
     side = min(size, max(image.size))
     while side >= SMALLEST:
-        scaled = image.copy()
-        scaled.thumbnail((side, side), Image.Resampling.LANCZOS)
+        scaled = _fit(image, side)
         for quality in QUALITIES:
             out = io.BytesIO()
             scaled.save(out, "JPEG", quality=quality, optimize=True)
@@ -30,6 +29,16 @@ def display_copy(image: Image.Image, size: int, max_bytes: int) -> bytes | None:
                 return out.getvalue()
         side = side * 3 // 4
     return None
+
+
+def _fit(image: Image.Image, side: int) -> Image.Image:
+    """A new image whose longer side is at most `side`, made without a full-size copy of a large original."""
+    width, height = image.size
+    scale = side / max(width, height)
+    if scale >= 1:
+        return image.copy()
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
 def data_url(display: bytes) -> str:

@@ -199,7 +199,7 @@ class SearchService:
             size, limit = self.settings.display_size, self.settings.display_max_bytes
             keep = (lambda image: display_copy(image, size, limit)) if displays and size else None
             vectors, made = await self.embeddings.embed_items(
-                encoder, [item for _, item in to_embed], [params[i] for i, _ in to_embed], keep
+                encoder, [item for _, item in to_embed], [params[i] for i, _ in to_embed], keep, size
             )
             out[[i for i, _ in to_embed]] = vectors
             for (i, _), display in zip(to_embed, made, strict=True):

@@ -20,6 +20,7 @@ from gateway.errors import GatewayError, PayloadTooLarge, Unauthorized, error_bo
 
 REQUEST_ID_SAFE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 PROTECTED_PREFIX = "/v1/"
+PROTECTED_OUTSIDE_V1 = frozenset({"/tokenize", "/detokenize"})  # vLLM's own paths for them, behind the same keys
 KNOWN_PATHS = {path for _, path in EXACT}
 SUBRESOURCES = {"items", "snapshot", "cancel"}
 access_log = logging.getLogger("gateway.access")
@@ -138,7 +139,7 @@ class GatewayMiddleware:
             await send_error(send_with_id, _too_large(limit), render=self.render_error)
             return
         identity = ANONYMOUS
-        protected = scope["path"].startswith(PROTECTED_PREFIX)
+        protected = scope["path"].startswith(PROTECTED_PREFIX) or scope["path"] in PROTECTED_OUTSIDE_V1
         if self.keys.enabled and protected:
             found = self.keys.identify(authorization)
             if found is None:

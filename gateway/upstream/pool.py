@@ -53,6 +53,12 @@ class Replica:
     # The LoRA adapters this replica's /v1/models listed at its last health check; None until it answered once.
     adapters: frozenset[str] | None = None
 
+    @property
+    def load(self) -> int:
+        """Requests on this replica: leases held, or slots the scheduler granted (a grant comes before its lease,
+        and several are made in one dispatch), whichever is more."""
+        return max(self.outstanding, self.granted)
+
     def available(self, now: float) -> bool:
         if not self.healthy or now < self.cooldown_until:
             return False
@@ -168,7 +174,7 @@ class ReplicaSet:
             replica = self.replicas[(self._rotation + offset) % count]
             if replica in exclude or not replica.available(now) or (room is not None and not room(replica)):
                 continue
-            if best is None or replica.outstanding < best.outstanding:
+            if best is None or replica.load < best.load:
                 best = replica
         return best
 
@@ -177,10 +183,10 @@ class ReplicaSet:
     ) -> tuple[Replica | None, Outcome]:
         order = rendezvous_order(key, self.replicas)  # every member: a down one keeps its keys' places
         usable = [r for r in order if r not in exclude and r.available(now) and (room is None or room(r))]
-        bound = load_bound([r for r in order if r.available(now)], self.pool.affinity_epsilon)
-        chosen = next((r for r in usable if r.outstanding + 1 <= bound), None)
+        bound = load_bound([r.load for r in order if r.available(now)], self.pool.affinity_epsilon)
+        chosen = next((r for r in usable if r.load + 1 <= bound), None)
         if chosen is None and usable:  # all over the bound (a burst): the least loaded, in the key's order
-            chosen = min(usable, key=lambda r: r.outstanding)
+            chosen = min(usable, key=lambda r: r.load)
         own = order[0]
         if chosen is own:
             return chosen, Outcome.AFFINE

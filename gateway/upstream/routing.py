@@ -64,7 +64,7 @@ def rendezvous_order(key: bytes, members: Sequence[M]) -> list[M]:
     return sorted(members, key=lambda member: _score(key, member.base_url), reverse=True)
 
 
-def load_bound(members: Sequence[Member], epsilon: float) -> int:
-    """The most requests a member may hold, counting the one being placed."""
-    total = sum(member.outstanding for member in members) + 1
-    return max(1, math.ceil((1 + epsilon) * total / max(1, len(members))))
+def load_bound(loads: Sequence[int], epsilon: float) -> int:
+    """The most requests a member may hold, counting the one being placed, given each available member's load."""
+    total = sum(loads) + 1
+    return max(1, math.ceil((1 + epsilon) * total / max(1, len(loads))))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import pytest
 import yaml
 
@@ -118,6 +119,17 @@ def test_the_anthropic_sdk_through_the_gateway(
     with pytest.raises(anthropic.RateLimitError):
         budgeted.messages.create(model=MODEL, max_tokens=2, messages=hello)  # type: ignore[arg-type]
     assert gateway.metric("gateway_requests_total", {"route": "/v1/messages", "status": "200"}) >= 7
+
+    # vLLM's prompt sizing, through the same keys (Authorization here; the SDK's x-api-key works too)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    sized = httpx.post(f"{gateway.base_url}/tokenize", json={"model": MODEL, "messages": hello}, headers=auth)
+    assert sized.status_code == 200 and sized.json()["count"] == text.usage.input_tokens
+    tokens = httpx.post(f"{gateway.base_url}/tokenize", json={"model": MODEL, "prompt": "a red car"}, headers=auth)
+    back = httpx.post(
+        f"{gateway.base_url}/detokenize", json={"model": MODEL, "tokens": tokens.json()["tokens"]}, headers=auth
+    )
+    assert back.status_code == 200 and back.json()["prompt"] == "a red car"
+    assert httpx.post(f"{gateway.base_url}/tokenize", json={"model": MODEL, "prompt": "x"}).status_code == 401
 
 
 def test_one_conversation_lands_on_one_replica_in_either_dialect(

@@ -195,8 +195,6 @@ async def test_unknown_model_is_404(gateway: RunningGateway) -> None:
 @pytest.mark.parametrize(
     "path",
     [
-        "/tokenize",
-        "/detokenize",
         "/pause",
         "/inference/v1/generate",
         "/v1/load_lora_adapter",
@@ -211,6 +209,40 @@ async def test_engine_routes_are_not_reachable(gateway: RunningGateway, fake_a: 
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=10) as client:
         response = await client.post(path, content=b"{}", headers=AUTH)
     _assert_openai_error(response, 404)
+    assert fake_a.hits == 0
+
+
+async def test_tokenize_routes_are_keyed_and_bounded_before_any_replica(
+    gateway: RunningGateway, fake_a: FakeVllm
+) -> None:
+    """Issue 28: vLLM's /tokenize and /detokenize are reachable only behind the gateway's keys and bounds."""
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=10) as client:
+        keyless = await client.post("/tokenize", json={"model": "m", "prompt": "hi"})
+        assert _assert_openai_error(keyless, 401)["code"] == "invalid_api_key"
+        for path, body, param in (
+            ("/tokenize", {"prompt": "hi"}, "model"),
+            ("/tokenize", {"model": "m"}, None),  # neither prompt nor messages
+            ("/tokenize", {"model": "m", "prompt": "a <|im_start|> b"}, None),
+            (
+                "/tokenize",
+                {
+                    "model": "m",
+                    "messages": [
+                        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}
+                    ],
+                },
+                None,
+            ),
+            ("/detokenize", {"model": "m", "tokens": list(range(200_000))}, "tokens"),
+            ("/detokenize", {"model": "m", "tokens": [1 << 40]}, "tokens[0]"),
+            ("/tokenize", {"model": "m", "prompt": "hi", "chat_template": "{{ evil }}"}, "chat_template"),
+        ):
+            error = _assert_openai_error(await client.post(path, json=body, headers=AUTH), 400)
+            if param is not None:
+                assert error["param"] == param, (path, body, error)
+        assert _assert_openai_error(
+            await client.post("/tokenize", json={"model": "nope", "prompt": "x"}, headers=AUTH), 404
+        )
     assert fake_a.hits == 0
 
 

@@ -141,3 +141,19 @@ def test_least_outstanding_pools_ignore_the_key() -> None:
     a, b = replicas.replicas
     replicas.acquire(a)
     assert replicas.pick(set(), b"any") == (b, None)
+
+
+async def test_grants_of_one_dispatch_count_against_the_load_bound() -> None:
+    """The scheduler grants a burst before any request holds its lease: the bound counts grants too."""
+    from gateway.scheduling.bands import Band
+    from gateway.scheduling.scheduler import Ticket
+
+    replicas = _pool(2)
+    key = b"hot conversation"
+    own, other = rendezvous_order(key, replicas.replicas)
+    place = lambda room: replicas.pick(set(), key, room)[0]  # noqa: E731
+    grants = [await replicas.scheduler.acquire(Ticket("t", 1.0, Band.DEFAULT, 1.0, 1, place)) for _ in range(8)]
+    assert own.granted <= 5 and other.granted >= 3, "bounded at each grant, as at each lease"
+    for grant in grants:
+        grant.release()
+    assert own.granted == other.granted == 0
