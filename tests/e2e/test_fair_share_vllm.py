@@ -127,7 +127,9 @@ async def _light_under_flood(http: httpx.AsyncClient, base: str, replica_url: st
 async def _flex_after_default(http: httpx.AsyncClient) -> None:
     """A flex request queued before a burst of default ones starts after all of them."""
     await _until_queued(http, "default", 0)
-    first = [Sent("default", time.monotonic()) for _ in range(8)]
+    # More than the replica's limit (which the flood before may have left above the engine's batch): the rest wait.
+    limit = metric_value((await http.get("/metrics")).text, "gateway_replica_inflight_limit")
+    first = [Sent("default", time.monotonic()) for _ in range(int(limit) + 4)]
     running = [asyncio.create_task(_stream(http, "sk-flood", _chat("fill", 32), r)) for r in first]
     await _until_queued(http, "default", 1)  # the replica is full
     bulk = Sent("bulk", time.monotonic())

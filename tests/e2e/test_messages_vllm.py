@@ -118,7 +118,9 @@ def test_the_anthropic_sdk_through_the_gateway(
         budgeted.messages.create(model=MODEL, max_tokens=2, messages=hello)  # type: ignore[arg-type]
     with pytest.raises(anthropic.RateLimitError):
         budgeted.messages.create(model=MODEL, max_tokens=2, messages=hello)  # type: ignore[arg-type]
-    assert gateway.metric("gateway_requests_total", {"route": "/v1/messages", "status": "200"}) >= 7
+    # text, base64 image, URL image, stream, two budgeted (count_tokens has its own route)
+    assert gateway.metric("gateway_requests_total", {"route": "/v1/messages", "status": "200"}) == 6
+    assert gateway.metric("gateway_requests_total", {"route": "/v1/messages/count_tokens", "status": "200"}) == 1
 
     # vLLM's prompt sizing, through the same keys (Authorization here; the SDK's x-api-key works too)
     auth = {"Authorization": f"Bearer {API_KEY}"}
