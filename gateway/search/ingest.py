@@ -15,6 +15,7 @@ import glob
 import io
 import json
 import mimetypes
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ def find_images(source: str, follow_links: bool = False) -> tuple[Path, list[Pat
     path = Path(source)
     if path.is_dir():
         root = path
-        files = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        files = [p for p in _walk(path) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     else:
         files = [Path(p) for p in glob.glob(source, recursive=True)]
         files = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
@@ -55,6 +56,19 @@ def find_images(source: str, follow_links: bool = False) -> tuple[Path, list[Pat
     real_root = root.resolve()
     inside = [p for p in files if p.resolve().is_relative_to(real_root)]
     return root, sorted(inside), len(files) - len(inside)
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Every file below `root`, through linked folders too (each real folder once, so a link loop ends); whether
+    a file outside the folder is kept is `find_images`' decision."""
+    seen: set[str] = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        yield from (Path(folder, name) for name in names)
 
 
 def read_captions(path: Path | None) -> dict[str, str]:

@@ -7,8 +7,9 @@
   `min_body_rate` bytes a second over every window of `BODY_RATE_WINDOW` seconds (or finish within the window
   when less is left): a body trickled a byte at a time is cut (the connection is closed; the app sees a
   disconnect).
-- A request answered before its body arrived whole (a 401, a refusal, `/health/live`) closes its connection
-  once the answer is written, rather than reading the rest of the body at the client's pace.
+- A request answered before its body arrived whole (a 401, a refusal, `/health/live`) closes its connection a
+  moment (`LINGER`) after the answer is written, rather than reading the rest of the body at the client's pace.
+- A connection whose request is being answered is never evicted; one idle between requests is.
 - At most `max_connections` connections are open at once. At the cap a new connection evicts the oldest one
   still waiting for (or dribbling) its request head, else the oldest one still sending a body, so neither idle
   nor trickling connections can keep a probe of `/health/live` out; only when every connection holds a whole
@@ -38,6 +39,7 @@ REFUSALS: dict[int, GatewayError] = {
 
 
 BODY_RATE_WINDOW = 5.0
+LINGER = 1.0  # an answered connection still sent a body: read and dropped this long, then closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +80,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
             self._rate_timer: asyncio.TimerHandle | None = None
             self._body_left: int | None = None  # bytes the body still owes (content-length), None if chunked
             self._window_bytes = 0
+            self._lingering = False
 
         def _arm(self, seconds: float, status: int | None) -> None:
             self._disarm()
@@ -152,7 +155,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
             self._rate_timer = self.loop.call_later(BODY_RATE_WINDOW, self._check_rate)
 
         def data_received(self, data: bytes) -> None:
-            if self.transport.is_closing():
+            if self.transport.is_closing() or self._lingering:
                 return
             if self._in_head:
                 # Count only up to the blank line that ends the head: the same read may carry body bytes.
@@ -185,15 +188,23 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
             self._disarm()
             self._end_upload()
             self._in_head = True  # whatever arrives next is the next request's head
-            self._waiting[self] = None
+            if self.cycle is None or self.cycle.response_complete:
+                self._waiting[self] = None  # already answered: idle until its next request
             super().on_message_complete()
 
         def on_response_complete(self) -> None:
-            if not self._in_head and not self.transport.is_closing():
-                # Answered before its body arrived whole: close rather than read the rest at the client's pace.
-                self._disarm()
-                self._end_upload()
-                self.transport.close()
             super().on_response_complete()
+            if self.transport.is_closing():
+                return
+            if self._in_head:
+                self._waiting[self] = None  # idle between requests: the first a newcomer at the cap may evict
+                return
+            # Answered before its body arrived whole: what the client still sends is read and dropped for LINGER
+            # seconds, so it can finish writing and read the answer (closing at once may reset the connection
+            # under it), then the connection closes instead of reading on at the client's pace.
+            self._end_upload()
+            self._lingering = True
+            self._uploading[self] = None  # evictable meanwhile
+            self._arm(LINGER, None)
 
     return GuardedHttpToolsProtocol

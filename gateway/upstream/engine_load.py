@@ -86,10 +86,13 @@ class EngineLoadProbe:
         try:
             with map_upstream_errors():
                 async with session.get(f"{replica.base_url}/metrics", timeout=self._timeout) as response:
-                    body = await read_bounded(response, MAX_EXPOSITION_BYTES) if response.status == 200 else None
+                    if response.status != 200:  # no exposition (not vLLM): no report, so the limit may grow
+                        replica_set.scheduler.observe(replica, None, None)
+                        return
+                    body = await read_bounded(response, MAX_EXPOSITION_BYTES)
         except (TransportError, TimeoutError):
             return  # the health check decides about a replica that does not answer
         if body is None:
-            return  # an error or an outsized answer says nothing about the engine's queue
+            return  # an outsized answer says nothing about the engine's queue
         body = b"\n" + body
         replica_set.scheduler.observe(replica, engine_gauge(body, WAITING), engine_gauge(body, RUNNING))

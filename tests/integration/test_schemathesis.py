@@ -67,6 +67,9 @@ def test_no_generated_request_gets_a_server_error(gateway: RunningGateway) -> No
             sent += 1
             if response.status_code >= 500:
                 failures.append(f"{case.method} {case.path} -> {response.status_code}: {response.text[:200]}")
+            elif response.status_code >= 400 and case.path.startswith("/v1/messages"):
+                body = response.json()  # Anthropic's envelope, in the dialect the route speaks
+                assert body["type"] == "error" and set(body["error"]) == {"type", "message"}
             elif response.status_code >= 400:
                 assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 

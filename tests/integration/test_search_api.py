@@ -231,17 +231,17 @@ def test_index_add_stays_in_its_folder_and_skips_what_is_not_an_image(
     (folder / "passwd.png").symlink_to("/etc/passwd")
     (elsewhere / "far.png").write_bytes(png_bytes(32, 32, (30, 30, 200)))
     (folder / "linked").symlink_to(elsewhere)
-    argv = ["index", "add", str(folder), "--collection", "shots", "--url", gateway.base_url, "--api-key", WRITER_A]
+    argv = ["index", "add", str(folder), "--collection", "media", "--url", gateway.base_url, "--api-key", WRITER_A]
     cli_main(argv)
     out = capsys.readouterr().out
-    assert "indexed 2 images into 'shots' (0 already done, 1 not images, 2 links out of the folder" in out, out
+    assert "indexed 2 images into 'media' (0 already done, 1 not images, 2 links out of the folder" in out, out
     reader = _client(gateway, READER_A)
-    assert reader.get("/v1/collections/shots/items/z.png").status_code == 200, "the run went on past the bad file"
-    assert reader.get("/v1/collections/shots/items/passwd.png").status_code == 404
+    assert reader.get("/v1/collections/media/items/z.png").status_code == 200, "the run went on past the bad file"
+    assert reader.get("/v1/collections/media/items/passwd.png").status_code == 404
     cli_main([*argv, "--follow-links"])
     out = capsys.readouterr().out
-    assert "indexed 1 images into 'shots' (2 already done, 2 not images" in out, out  # far.png; passwd is no image
-    assert reader.get("/v1/collections/shots/items/linked/far.png").status_code == 200
+    assert "indexed 1 images into 'media' (2 already done, 2 not images" in out, out  # far.png; passwd is no image
+    assert reader.get("/v1/collections/media/items/linked/far.png").status_code == 200
 
 
 async def test_concurrent_creates_of_one_name_give_one_201_and_409s(gateway: RunningGateway) -> None:
