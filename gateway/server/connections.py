@@ -183,6 +183,24 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
             if self.cycle is not None and self.cycle.more_body:
                 self._arm(self._limits.body_idle_timeout, None)
                 self._start_upload()
+                self._say_close_if_answered_early(self.cycle)
+
+        def _say_close_if_answered_early(self, cycle: Any) -> None:
+            """An answer that starts before its request's body arrived whole says `connection: close`, so the
+            client opens a new connection for its next request (this one lingers, then closes; see
+            on_response_complete). uvicorn would close at once on that header: its keep-alive flag is restored
+            once the header is out."""
+            send = cycle.send
+
+            async def sending(message: Any) -> None:
+                if message["type"] != "http.response.start" or self._in_head:
+                    await send(message)
+                    return
+                message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
+                await send(message)
+                cycle.keep_alive = True
+
+            cycle.send = sending
 
         def on_message_complete(self) -> None:
             self._disarm()

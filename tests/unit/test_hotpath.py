@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from gateway.access.keys import KeyChecker
 from gateway.asgi import Message, Receive, Send
 from gateway.config import Settings
+from gateway.errors import error_body
 from gateway.server.hotpath import HotPathDispatch
 from gateway.tracing import OFF
 
@@ -46,7 +47,8 @@ def _dispatch(endpoint: Any, fallback: FastAPI | None = None) -> HotPathDispatch
     settings = Settings()
     app = fallback or FastAPI()
     app.state.gateway = SimpleNamespace(admission=_OpenDoor(), limiter=_OpenDoor(), tracing=OFF)
-    return HotPathDispatch(app, {"/v1/chat/completions": endpoint}, max_body_bytes=1024, keys=KeyChecker(settings))
+    routes = {"/v1/chat/completions": (endpoint, error_body)}
+    return HotPathDispatch(app, routes, max_body_bytes=1024, keys=KeyChecker(settings))
 
 
 async def test_an_endpoint_failing_before_its_response_gives_an_openai_500() -> None:
