@@ -196,7 +196,9 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
                 if message["type"] != "http.response.start" or self._in_head:
                     await send(message)
                     return
-                message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
+                headers = list(message.get("headers", ()))
+                if not any(name.lower() == b"connection" for name, _ in headers):
+                    message["headers"] = [*headers, (b"connection", b"close")]
                 await send(message)
                 cycle.keep_alive = True
 
