@@ -43,9 +43,8 @@ from gateway.scheduling.bands import band_for
 from gateway.scheduling.scheduler import ClientGone, Ticket
 from gateway.tracing import Tracing
 from gateway.upstream.client import UpstreamClient
-from gateway.upstream.lease import Verdict
 from gateway.upstream.pool import Pools, Replica, ReplicaSet
-from gateway.upstream.relay import RelayOutcome, chat_stream_error, relay
+from gateway.upstream.relay import RelayOutcome, chat_stream_error, relay_settled
 from gateway.upstream.routing import affinity_key
 
 
@@ -211,7 +210,7 @@ class CompletionsEndpoint:
                 )
                 replicas.visual_tokens.inc(visual_tokens)
                 try:
-                    outcome = await relay(
+                    outcome = await relay_settled(
                         opened,
                         receive,
                         send,
@@ -224,9 +223,7 @@ class CompletionsEndpoint:
                         on_events=grant.charge_output,
                         on_upstream_done=grant.free,
                     )
-                    opened.lease.settle(outcome.verdict)
                 finally:
-                    opened.lease.settle(Verdict.ABANDONED)  # only if the relay raised: a lease settles once
                     replicas.visual_tokens.dec(visual_tokens)
             finally:
                 grant.release(outcome.prompt_tokens, outcome.completion_tokens)

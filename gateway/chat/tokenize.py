@@ -24,8 +24,7 @@ from gateway.chat.serving import Generation, eligible_replicas
 from gateway.errors import GatewayError, ModelNotFound
 from gateway.metrics import UNKNOWN_MODEL
 from gateway.provided import Provided
-from gateway.upstream.lease import Verdict
-from gateway.upstream.relay import relay
+from gateway.upstream.relay import relay_settled
 
 MAX_DETOKENIZE_IDS = 128 * 1024
 
@@ -114,19 +113,9 @@ class TokenEndpoint:
             check_against_pool(request, replicas.pool, [])  # allowed fields, reserved tokens, context
             only = eligible_replicas(replicas, request.model, None)
             opened = await gateway.upstream.open(replicas, self.route, body, scope["state"]["request_id"], only=only)
-            try:
-                outcome = await relay(
-                    opened,
-                    receive,
-                    send,
-                    stream=False,
-                    timeouts=replicas.pool.timeouts,
-                    started=started,
-                    metrics=metrics,
-                )
-                opened.lease.settle(outcome.verdict)
-            finally:
-                opened.lease.settle(Verdict.ABANDONED)
+            outcome = await relay_settled(
+                opened, receive, send, stream=False, timeouts=replicas.pool.timeouts, started=started, metrics=metrics
+            )
             status = outcome.status
         except GatewayError as error:
             status = error.status

@@ -26,9 +26,8 @@ from gateway.metrics import UNKNOWN_MODEL
 from gateway.provided import Provided
 from gateway.responses.ids import ResolvedId, ResponseIds
 from gateway.responses.protocol import MAX_RESPONSE_ID_CHARS, ResponsesRequest
-from gateway.upstream.lease import Verdict
 from gateway.upstream.pool import Replica, ReplicaSet
-from gateway.upstream.relay import relay
+from gateway.upstream.relay import relay_settled
 from gateway.upstream.routing import affinity_key
 
 STORED_ROUTE = "/v1/responses/{response_id}"
@@ -168,20 +167,16 @@ class StoredResponseEndpoint:
                 only=_pinned(holder),
                 method="POST" if self.cancel else "GET",
             )
-            try:
-                outcome = await relay(
-                    opened,
-                    receive,
-                    send,
-                    stream=stream,
-                    timeouts=replicas.pool.timeouts,
-                    started=started,
-                    metrics=metrics,
-                    stream_error=responses_stream_error,
-                )
-                opened.lease.settle(outcome.verdict)
-            finally:
-                opened.lease.settle(Verdict.ABANDONED)
+            outcome = await relay_settled(
+                opened,
+                receive,
+                send,
+                stream=stream,
+                timeouts=replicas.pool.timeouts,
+                started=started,
+                metrics=metrics,
+                stream_error=responses_stream_error,
+            )
             status = outcome.status
         except GatewayError as error:
             status = error.status

@@ -184,6 +184,16 @@ async def relay(
         opened.response.release()
 
 
+async def relay_settled(opened: OpenedUpstream, receive: Receive, send: Send, **options: Any) -> RelayOutcome:
+    """`relay`, then the lease settled with the relay's verdict (abandoned if the relay raised: the caller left)."""
+    try:
+        outcome = await relay(opened, receive, send, **options)
+        opened.lease.settle(outcome.verdict)
+        return outcome
+    finally:
+        opened.lease.settle(Verdict.ABANDONED)  # only if the relay raised: a lease settles once
+
+
 # How late a timer may run before the loop counts as having fallen behind (see `_next_chunk`).
 LOOP_LAG = 0.1
 
