@@ -359,6 +359,28 @@ class ResponsesSettings(BaseModel):
     ttl: float = Field(86400.0, gt=0, le=365 * 86400)
 
 
+class BatchSettings(BaseModel):
+    """/v1/files and /v1/batches (gateway/batch/): stored input files and bulk jobs whose lines run as the creating
+    key's requests in the scheduler's flex band. Runs where state is kept: role `all`, or the retrieval tier."""
+
+    enabled: bool = True
+    # Files, job state (SQLite) and results live here; in the chart, on the state tier's volume.
+    dir: Path = Field(default_factory=lambda: Path.home() / ".local" / "share" / "vlm-gateway" / "batch")
+    # Where lines are sent: a proxy tier's Service in the chart (its scheduler then orders them with everyone
+    # else's work). None: this gateway's own listener.
+    dispatch_url: str | None = Field(None, pattern=r"^https?://")
+    # Signs the credentials lines are sent with (gateway/access/delegation.py): the same value on every gateway
+    # that sends or receives lines. Unset, each process draws its own (enough for role `all`).
+    secret: SecretStr | None = None
+    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024, le=64 * 1024**3)  # OpenAI's limit per file
+    max_lines: int = Field(50_000, ge=1, le=10_000_000)  # OpenAI's limit per batch
+    max_stored_bytes_per_key: int = Field(10 * 1024**3, ge=1024)  # input and output files a key holds
+    max_open_batches_per_key: int = Field(16, ge=1, le=100_000)
+    # Lines of one batch in flight at once; they wait in the flex band, so more only queues more at the gateway.
+    concurrency: int = Field(16, ge=1, le=4096)
+    max_attempts: int = Field(3, ge=1, le=100)  # for a line whose replica failed (502/504); 429/503 wait instead
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid")
 
@@ -382,6 +404,7 @@ class Settings(BaseSettings):
     embeddings: EmbeddingsSettings = Field(default_factory=EmbeddingsSettings)
     search: SearchSettings = Field(default_factory=SearchSettings)
     responses: ResponsesSettings = Field(default_factory=ResponsesSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
 
     # Plaintext keys (from --api-key or GATEWAY_API_KEYS) are hashed at load; only digests are kept.
     api_keys: list[SecretStr] = Field(default_factory=list, exclude=True)

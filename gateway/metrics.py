@@ -250,6 +250,23 @@ class GatewayMetrics:
             buckets=TOKEN_GAP_BUCKETS,
             registry=r,
         )
+        self.batches = Gauge("gateway_batches", "Batches by status (OpenAI's statuses).", ["status"], registry=r)
+        self.batch_lines = Counter(
+            "gateway_batch_lines",
+            "Batch lines finished, by model and outcome (completed, failed, expired). A line is also counted, as "
+            "the request it is, in the route's metrics and in the flex band's queue metrics.",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.batch_lines_pending = Gauge(
+            "gateway_batch_lines_pending", "Lines of running batches not yet done.", ["model"], registry=r
+        )
+        self.batch_line_retries = Counter(
+            "gateway_batch_line_retries",
+            "Line sends answered 429/503 (the key's budget or a full queue) or failing to connect, sent again later.",
+            ["model"],
+            registry=r,
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -25,6 +25,7 @@ class Behaviour:
     chunk_delay: float = 0.0
     padding: int = 0  # bytes of filler per chunk, to fill socket buffers quickly
     message: str | None = None  # the error message of mode "status" (default "fake status <code>")
+    whole_delay: float = 0.0  # how long a non-streamed answer takes
 
 
 WHOLE_BODY = orjson.dumps(
@@ -199,6 +200,8 @@ class FakeVllm:
             return early
         b = self.behaviour
         if not orjson.loads(body).get("stream"):
+            if b.whole_delay:
+                await asyncio.sleep(b.whole_delay)
             if b.mode == "split_whole":  # a JSON body in two writes, `chunk_delay` apart (not one read)
                 whole = web.StreamResponse(headers={"Content-Type": "application/json"})
                 whole.content_length = len(WHOLE_BODY)

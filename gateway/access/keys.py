@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from gateway.access.delegation import PREFIX as DELEGATED
+from gateway.access.delegation import Delegation
 from gateway.config import ALL_SCOPES, RateLimits, Scope, ScopedKey, ServiceTier, Settings
 from gateway.errors import PermissionDenied
 
@@ -25,6 +28,8 @@ class Identity:
     service_tier: ServiceTier = "default"
     max_service_tier: ServiceTier = "default"
     weight: float = 1.0
+    key_digest: str = ""  # the key's full SHA-256 digest: what a batch records as its owner
+    batch: str | None = None  # set when a batch executor sends a line on the key's behalf
 
     def require(self, scope: Scope) -> None:
         """Refuses with 403 unless the key holds `scope` (operator holds admin too, on every namespace)."""
@@ -54,8 +59,9 @@ def load_keys_file(path: Path) -> list[ScopedKey]:
 
 
 class KeyChecker:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, delegation: Delegation | None = None) -> None:
         self._settings = settings
+        self.delegation = delegation
         self._file_stamp: tuple[float, int] | None = None
         self._entries: list[_Entry] = []
         self.rate_limits: dict[str, RateLimits] = {}
@@ -111,7 +117,26 @@ class KeyChecker:
         """Who is calling, or None when the header is missing or names no configured key."""
         if not authorization or authorization[:7].lower() != BEARER:
             return None
-        presented = hashlib.sha256(authorization[7:].strip()).digest()
+        token = authorization[7:].strip()
+        if token.startswith(DELEGATED):
+            return self._delegated(token)
+        return self._matching(hashlib.sha256(token).digest())
+
+    def _delegated(self, token: bytes) -> Identity | None:
+        """A batch line: its owner's identity as configured now, in the flex band."""
+        claims = self.delegation.verify(token) if self.delegation is not None else None
+        if claims is None:
+            return None
+        digest, batch_id = claims
+        try:
+            owner = self._matching(bytes.fromhex(digest))
+        except ValueError:
+            return None
+        if owner is None:
+            return None
+        return dataclasses.replace(owner, service_tier="flex", max_service_tier="flex", batch=batch_id)
+
+    def _matching(self, presented: bytes) -> Identity | None:
         match: _Entry | None = None
         # Compare against every digest, without an early exit, so timing says nothing about which one matched.
         for entry in self._entries:
@@ -119,7 +144,14 @@ class KeyChecker:
                 match = entry
         if match is None:
             return None
-        key_id = match.digest.hex()[:12]
+        digest = match.digest.hex()
+        key_id = digest[:12]
         return Identity(
-            key_id, match.scopes, match.namespace or key_id, match.service_tier, match.max_service_tier, match.weight
+            key_id,
+            match.scopes,
+            match.namespace or key_id,
+            match.service_tier,
+            match.max_service_tier,
+            match.weight,
+            key_digest=digest,
         )

@@ -1,9 +1,9 @@
 """The one table of which scope each `/v1` route needs. The middleware checks it before any handler runs, so a
 route cannot forget its check; a `/v1` route missing from the table needs `admin` (closed by default).
 
-Scopes: `read` (chat, completions, responses, embeddings, models, search, get items), `write` (index items), `admin`
-(create collections; delete and snapshot the collections its own namespace created), `operator` (admin actions
-on any namespace's collections).
+Scopes: `read` (chat, completions, responses, embeddings, models, search, get items, files and batches),
+`write` (index items), `admin` (create collections; delete and snapshot the collections its own namespace
+created), `operator` (admin actions on any namespace's collections).
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ EXACT: dict[tuple[str, str], Scope] = {
     ("GET", "/v1/collections"): "read",
     ("POST", "/v1/collections"): "admin",
     ("POST", "/v1/adapters"): "admin",
+    # Files and batches: a batch's lines are requests the key could send online, so the same scope.
+    ("POST", "/v1/files"): "read",
+    ("GET", "/v1/files"): "read",
+    ("POST", "/v1/batches"): "read",
+    ("GET", "/v1/batches"): "read",
 }
 SEGMENT = r"[^/]+"
 RULES: tuple[tuple[str, str, Scope], ...] = (
@@ -33,6 +38,11 @@ RULES: tuple[tuple[str, str, Scope], ...] = (
     ("GET", rf"/v1/responses/{SEGMENT}", "read"),
     ("POST", rf"/v1/responses/{SEGMENT}/cancel", "read"),
     ("DELETE", rf"/v1/adapters/{SEGMENT}", "admin"),
+    ("GET", rf"/v1/files/{SEGMENT}", "read"),
+    ("GET", rf"/v1/files/{SEGMENT}/content", "read"),
+    ("DELETE", rf"/v1/files/{SEGMENT}", "read"),
+    ("GET", rf"/v1/batches/{SEGMENT}", "read"),
+    ("POST", rf"/v1/batches/{SEGMENT}/cancel", "read"),
     ("DELETE", rf"/v1/collections/{SEGMENT}", "admin"),
     ("POST", rf"/v1/collections/{SEGMENT}/snapshot", "admin"),
     ("POST", rf"/v1/collections/{SEGMENT}/items", "write"),

@@ -18,9 +18,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
 from gateway.access.admission import Admission, memory_limit_bytes
+from gateway.access.delegation import Delegation
 from gateway.access.keys import KeyChecker
 from gateway.access.limits import KeyLimiter, Limiter
 from gateway.asgi import ASGIApp, ErrorRenderer, error_response
+from gateway.batch import router as batch_router
+from gateway.batch.executor import BatchExecutor
+from gateway.batch.files import FileStorage
+from gateway.batch.service import BatchService, models_check
+from gateway.batch.store import BatchStore
 from gateway.chat import router as chat_router
 from gateway.chat.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.chat.retrieval import LocalRetriever, RemoteRetriever, Retriever
@@ -43,7 +49,7 @@ from gateway.server import adapters as adapters_router
 from gateway.server import health, models, retrieval_proxy, ui
 from gateway.server.hotpath import HotPathDispatch
 from gateway.server.metrics_server import MetricsServer
-from gateway.server.middleware import GatewayMiddleware
+from gateway.server.middleware import MULTIPART_OVERHEAD, GatewayMiddleware
 from gateway.server.state import GatewayState
 from gateway.tracing import Tracing
 from gateway.upstream.client import UpstreamClient, create_session
@@ -92,6 +98,41 @@ def _retriever(settings: Settings, search: SearchService, upstream: UpstreamClie
     if settings.role == "proxy" and settings.retrieval_url:
         return RemoteRetriever(settings.retrieval_url, upstream.session)
     return LocalRetriever(search)
+
+
+def _delegation(settings: Settings) -> Delegation:
+    secret = settings.batch.secret
+    return Delegation.with_random_secret() if secret is None else Delegation(secret.get_secret_value().encode())
+
+
+def _dispatch_url(settings: Settings) -> str:
+    """Where batch lines go: the configured proxy tier, or this gateway's own listener."""
+    if settings.batch.dispatch_url:
+        return settings.batch.dispatch_url
+    host = "127.0.0.1" if settings.host in ("", "0.0.0.0", "::") else settings.host
+    return f"http://[{host}]:{settings.port}" if ":" in host else f"http://{host}:{settings.port}"
+
+
+def _batch_service(
+    settings: Settings, upstream: UpstreamClient, delegation: Delegation, metrics: GatewayMetrics
+) -> BatchService:
+    batch = settings.batch
+    store = BatchStore(batch.dir / "batches.sqlite3")
+    storage = FileStorage(batch.dir)
+    executor = BatchExecutor(
+        store,
+        storage,
+        batch,
+        upstream.session,
+        _dispatch_url(settings),
+        delegation,
+        metrics,
+        settings.max_body_bytes,
+    )
+    served = {pool.name for pool in settings.models} | {a.name for p in settings.models for a in p.lora_modules}
+    embeddings = settings.embeddings.model_name() if settings.embeddings.enabled else None
+    check = models_check(lambda: served, embeddings)
+    return BatchService(batch, store, storage, executor, check, settings.max_body_bytes)
 
 
 def _key_limiter(settings: Settings, keys: KeyChecker, metrics: GatewayMetrics) -> Limiter:
@@ -158,11 +199,14 @@ def _openapi_with_raw_routes(app: FastAPI) -> dict[str, Any]:
 
 def create_app(settings: Settings) -> FastAPI:
     """The FastAPI app; `serve` runs it behind `hot_path` (below), which short-cuts the generation routes."""
-    keys = KeyChecker(settings)
+    delegation = _delegation(settings)
+    keys = KeyChecker(settings, delegation)
+    runs_batches = settings.batch.enabled and settings.role in ("all", "retrieval")
     # Made by the lifespan, passed to the routes built below.
     generation: Provided[Generation] = Provided("the generation path")
     response_ids: Provided[ResponseIds] = Provided("the response id minter")
     embeddings: Provided[EmbeddingsService] = Provided("the embeddings service")
+    batches: Provided[BatchService] = Provided("the batch service")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -183,6 +227,9 @@ def create_app(settings: Settings) -> FastAPI:
         ids = _response_ids(settings)
         retriever = _retriever(settings, searcher, upstream)
         generation.set(Generation(settings, metrics, pools, upstream, media, limiter, tracing, retriever))
+        batch_service = _batch_service(settings, upstream, delegation, metrics) if runs_batches else None
+        if batch_service is not None:
+            batches.set(batch_service)
         response_ids.set(ids)
         embeddings.set(embedder)
         app.state.gateway = GatewayState(
@@ -211,12 +258,16 @@ def create_app(settings: Settings) -> FastAPI:
             await searcher.start()
         await metrics_server.start()
         admission.start()
+        if batch_service is not None:
+            await batch_service.start()
         key_watch = (
             asyncio.create_task(_watch_keys_file(keys, limiter), name="keys-file") if settings.keys_file else None
         )
         try:
             yield
         finally:
+            if batch_service is not None:
+                await batch_service.stop()
             await metrics_server.stop()
             if key_watch is not None:
                 key_watch.cancel()
@@ -243,6 +294,8 @@ def create_app(settings: Settings) -> FastAPI:
     else:
         app.include_router(embeddings_router.router(embeddings))
         app.include_router(search_router.router)
+    if runs_batches:
+        app.include_router(batch_router.router(batches))
     app.include_router(health.router)
     app.include_router(ui.router)
     if settings.metrics_port is None:
@@ -252,7 +305,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected)
     app.add_middleware(
-        GatewayMiddleware, max_body_bytes=settings.max_body_bytes, keys=keys, log_requests=settings.access_log
+        GatewayMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        keys=keys,
+        log_requests=settings.access_log,
+        upload_bytes=settings.batch.max_file_bytes + MULTIPART_OVERHEAD,
     )
     app.openapi = lambda: _openapi_with_raw_routes(app)  # type: ignore[method-assign]
     app.state.keys = keys

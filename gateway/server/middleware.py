@@ -22,9 +22,13 @@ REQUEST_ID_SAFE = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 PROTECTED_PREFIX = "/v1/"
 PROTECTED_OUTSIDE_V1 = frozenset({"/tokenize", "/detokenize"})  # vLLM's own paths for them, behind the same keys
 KNOWN_PATHS = {path for _, path in EXACT}
-SUBRESOURCES = {"items", "snapshot", "cancel"}
+SUBRESOURCES = {"items", "snapshot", "cancel", "content"}
 access_log = logging.getLogger("gateway.access")
 log = logging.getLogger("gateway")
+
+
+UPLOAD_PATH = "/v1/files"
+MULTIPART_OVERHEAD = 64 * 1024  # part headers and boundaries around an upload's file
 
 
 def route_name(path: str) -> str:
@@ -79,11 +83,14 @@ class GatewayMiddleware:
         log_requests: bool = False,
         answer_errors: bool = False,
         render_error: ErrorRenderer = error_body,
+        upload_bytes: int | None = None,
     ) -> None:
         """`answer_errors`: `app` is a raw endpoint with no error handling of its own, so an exception it raises
         before its response started is answered here (a 500 in OpenAI's shape) and logged, not re-raised."""
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # POST /v1/files takes a batch's whole input file (streamed to disk, never held): its own cap.
+        self.upload_bytes = upload_bytes or max_body_bytes
         self.keys = keys
         self.log_requests = log_requests
         self.answer_errors = answer_errors
@@ -134,7 +141,7 @@ class GatewayMiddleware:
                 message["headers"] = [*message.get("headers", ()), *extra_headers]
             await send(message)
 
-        limit = self.max_body_bytes
+        limit = self.upload_bytes if scope["path"] == UPLOAD_PATH else self.max_body_bytes
         if content_length is not None and (not content_length.isdigit() or int(content_length) > limit):
             await send_error(send_with_id, _too_large(limit), render=self.render_error)
             return

@@ -1,4 +1,5 @@
-"""Role "proxy": the retrieval routes are forwarded, unchanged, to the retrieval service.
+"""Role "proxy": the retrieval, files and batches routes are forwarded, unchanged, to the retrieval service (the
+tier that owns state).
 
 The retrieval service owns the encoder and the index (one writer per collection), so any number of stateless
 proxies can sit in front of it; a write through one proxy is visible to a search through another. The caller's
@@ -12,19 +13,31 @@ routes this proxy does not exist to forward.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from urllib.parse import unquote
 
 import aiohttp
 from starlette.routing import Route
 from yarl import URL
 
-from gateway.asgi import Message, Receive, Send, read_body, send_error
+from gateway.asgi import Message, Receive, Send, send_error
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.server.state import GatewayState
 from gateway.upstream.errors import reaching_service
 
 FORWARDED_HEADERS = (b"content-type", b"authorization", b"x-request-id")
-PATHS = ["/v1/embeddings", "/v1/search", "/v1/collections", "/v1/collections/{rest:path}"]
+PATHS = [
+    "/v1/embeddings",
+    "/v1/search",
+    "/v1/collections",
+    "/v1/collections/{rest:path}",
+    "/v1/files",
+    "/v1/files/{rest:path}",
+    "/v1/batches",
+    "/v1/batches/{rest:path}",
+]
+# Both ways in chunks: a batch's input file (up to batch.max_file_bytes) or output is never held whole here.
+CHUNK = 256 * 1024
 TIMEOUT = aiohttp.ClientTimeout(total=300, sock_connect=5)
 
 
@@ -52,30 +65,55 @@ class RetrievalForwarder:
         except InvalidRequest as error:
             await send_error(send, error)
             return
-        body = await read_body(receive)
         headers = {k.decode(): v.decode() for k, v in scope["headers"] if k in FORWARDED_HEADERS}
         headers["x-request-id"] = scope["state"]["request_id"]
         target = f"{gateway.settings.retrieval_url}{path}"
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
         try:
             with reaching_service("retrieval service"):
-                await self._forward(gateway, scope["method"], URL(target, encoded=True), body, headers, send)
-        except GatewayError as error:  # the answer is sent only once the whole body is in, so none started yet
+                await self._forward(gateway, scope["method"], URL(target, encoded=True), receive, headers, tracked)
+        except GatewayError as error:
+            if started:
+                raise  # the answer is under way: the connection ends, the client sees a cut body
             await send_error(send, error)
 
     @staticmethod
     async def _forward(
-        gateway: GatewayState, method: str, url: URL, body: bytes, headers: dict[str, str], send: Send
+        gateway: GatewayState, method: str, url: URL, receive: Receive, headers: dict[str, str], send: Send
     ) -> None:
         session = gateway.upstream.session
-        async with session.request(method, url, data=body, headers=headers, timeout=TIMEOUT) as response:
-            payload = await response.read()
+        async with session.request(method, url, data=_body(receive), headers=headers, timeout=TIMEOUT) as response:
             out = [(b"content-type", response.headers.get("Content-Type", "application/json").encode())]
-            if "Retry-After" in response.headers:
-                out.append((b"retry-after", response.headers["Retry-After"].encode()))
+            for name in ("Retry-After", "Content-Length"):
+                if name in response.headers:
+                    out.append((name.lower().encode(), response.headers[name].encode()))
+            chunk = await response.content.read(CHUNK)
             await send({"type": "http.response.start", "status": response.status, "headers": out})
-            await send({"type": "http.response.body", "body": payload, "more_body": False})
+            while True:
+                following = await response.content.read(CHUNK) if chunk else b""
+                await send({"type": "http.response.body", "body": chunk, "more_body": bool(following)})
+                if not following:
+                    return
+                chunk = following
+
+
+async def _body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message: Message = await receive()
+        if message["type"] != "http.request":
+            return
+        if message.get("body"):
+            yield message["body"]
+        if not message.get("more_body", False):
+            return
 
 
 routes = [Route(path, RetrievalForwarder(), methods=["GET", "POST", "DELETE"]) for path in PATHS]
