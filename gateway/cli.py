@@ -1,4 +1,5 @@
-"""`gateway serve ...` and `gateway index ...`: the command line turns flags into Settings overrides."""
+"""`gateway serve ...`, `gateway index ...` and `gateway batch ...`: the command line turns flags into Settings
+overrides, or runs a client of a running gateway."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import httpx
 from pydantic import ValidationError
 
 from gateway.config import load_settings
@@ -151,11 +153,38 @@ def _run_index(args: argparse.Namespace) -> None:
         print(f"restored '{restore_collection(args.index_dir, args.archive)}' into {args.index_dir}")
 
 
+def _batch_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    batch = commands.add_parser("batch", help="bulk jobs through the Batch API of a running gateway")
+    actions = batch.add_subparsers(dest="action", required=True)
+    submit = actions.add_parser("submit", help="upload a JSONL file of requests and start a batch")
+    submit.add_argument("file", type=Path, help="JSONL: one {custom_id, method, url, body} per line")
+    submit.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway")
+    submit.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
+    submit.add_argument("--endpoint", default="/v1/chat/completions", help="the lines' url")
+    submit.add_argument("--completion-window", default="24h", help="24h, or shorter: 30m, 90s")
+    submit.add_argument("--wait", action="store_true", help="show progress, then download the output")
+
+
+def _run_batch(args: argparse.Namespace) -> None:
+    from gateway.batch.submit import submit
+
+    done = submit(
+        args.file, args.url, args.api_key, endpoint=args.endpoint, window=args.completion_window, wait=args.wait
+    )
+    batch = done.batch
+    counts = batch["request_counts"]
+    print(f"{batch['id']}: {batch['status']} ({counts['completed']} completed, {counts['failed']} failed)")
+    for label, path in (("output", done.output), ("errors", done.errors)):
+        if path is not None:
+            print(f"{label}: {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible gateway for vLLM + CLIP search")
     commands = parser.add_subparsers(dest="command", required=True)
     _serve_parser(commands)
     _index_parser(commands)
+    _batch_parser(commands)
     return parser
 
 
@@ -166,6 +195,15 @@ def main(argv: list[str] | None = None) -> None:
             _run_index(args)
         except (ValueError, OSError, tarfile.TarError) as exc:
             print(f"gateway index {args.action}: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return
+    if args.command == "batch":
+        from gateway.batch.submit import SubmitFailed
+
+        try:
+            _run_batch(args)
+        except (SubmitFailed, OSError, httpx.HTTPError) as exc:
+            print(f"gateway batch {args.action}: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
         return
     if args.command == "serve":

@@ -31,6 +31,7 @@ WITH_KEYS = {
     "gateway": {
         "apiKeys": {"existingSecret": "gateway-keys", "key": "keys.yaml"},
         "rateLimitsRedis": {"existingSecret": "limits-redis", "key": "url"},
+        "batchSecret": {"existingSecret": "batch-lines", "key": "secret"},
     }
 }
 WITH_HF = {"vllm": {"hfToken": {"existingSecret": "hf", "key": "token"}}}
@@ -146,6 +147,9 @@ def test_secrets_are_only_referenced(rendered: list[dict[str, Any]]) -> None:
         if component in ("gateway", "retrieval"):
             keys = next(v for v in spec["volumes"] if v["name"] == "keys")
             assert keys["secret"]["secretName"] == "gateway-keys"
+            # Both tiers sign and check batch lines with one secret.
+            batch = next(e for e in spec["containers"][0]["env"] if e["name"] == "GATEWAY_BATCH__SECRET")
+            assert batch["valueFrom"]["secretKeyRef"] == {"name": "batch-lines", "key": "secret"}
         if component == "gateway":
             redis = next(e for e in spec["containers"][0]["env"] if e["name"] == "GATEWAY_RATE_LIMITS_REDIS_URL")
             assert redis["valueFrom"]["secretKeyRef"] == {"name": "limits-redis", "key": "url"}
@@ -195,6 +199,9 @@ def test_config_map_is_a_config_the_gateway_accepts(rendered: list[dict[str, Any
         if m["name"] == "index"
     )
     assert retrieval.search.index_dir.is_relative_to(index_mount["mountPath"]), "the index lives on the PVC"
+    assert retrieval.batch.enabled and retrieval.batch.dir.is_relative_to(index_mount["mountPath"]), "batches too"
+    http_port = next(p["port"] for p in services["gw-vlm-gateway-gateway"]["spec"]["ports"] if p["name"] == "http")
+    assert retrieval.batch.dispatch_url == f"http://gw-vlm-gateway-gateway:{http_port}", "through the proxies"
 
 
 def test_shutdown_leaves_time_to_drain_streams(rendered: list[dict[str, Any]]) -> None:
@@ -289,6 +296,7 @@ def test_a_milvus_backed_retrieval_tier_is_stateless_and_scales_out(tmp_path: Pa
     config = Settings.model_validate(yaml.safe_load(by_kind(objects, "ConfigMap")[0]["data"]["retrieval.yaml"]))
     assert config.search.backend == "milvus" and config.search.milvus_uri == milvus["uri"]
     assert config.search.milvus_consistency == "Strong" and config.search.milvus_token is None
+    assert not config.batch.enabled, "no volume: no batch state"
     for obj in (retrieval, budget):
         kubernetes_validate.validate(copy.deepcopy(obj), KUBE_VERSION, strict=True)
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -259,3 +261,26 @@ async def test_files_and_batches_bounds(tmp_path: Path, log_dir: Path, fake_a: F
             assert keyless.status_code == 401
             odd = await http.get("/v1/batches/not-a-batch-id", headers={"Authorization": "Bearer sk-a"})
             assert odd.status_code == 404
+
+
+async def test_the_cli_submits_waits_and_downloads_the_output(tmp_path: Path, log_dir: Path, fake_a: FakeVllm) -> None:
+    source = _jsonl(tmp_path / "jobs.jsonl", [_line(f"r{n}") for n in range(3)])
+    async with run_gateway_async(_config(tmp_path, fake_a), log_dir) as gateway:
+        cli = [sys.executable, "-m", "gateway.cli", "batch", "submit", str(source), "--url", gateway.base_url]
+        process = await asyncio.create_subprocess_exec(
+            *cli, "--api-key", "sk-a", "--wait", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, err.decode()
+        output = tmp_path / "jobs.output.jsonl"
+        assert f"output: {output}" in out.decode() and "completed (3 completed, 0 failed)" in out.decode()
+        assert sorted(orjson.loads(line)["custom_id"] for line in output.read_bytes().splitlines()) == [
+            "r0",
+            "r1",
+            "r2",
+        ]
+        refused = await asyncio.create_subprocess_exec(
+            *cli, "--api-key", "sk-a", "--endpoint", "/v1/embeddings", stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await asyncio.wait_for(refused.communicate(), 60)
+        assert refused.returncode == 2 and "Line 1 of the input file" in err.decode()

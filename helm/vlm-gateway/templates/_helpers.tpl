@@ -88,7 +88,14 @@ breaks per pod rather than per ClusterIP. */}}
 {{- if eq $r.backend "milvus" -}}
 {{- $search = dict "backend" "milvus" "milvus_uri" $r.milvus.uri "milvus_consistency" $r.milvus.consistency -}}
 {{- end -}}
-{{- $base := dict "role" "retrieval" "host" "0.0.0.0" "port" $r.port "metrics_port" .Values.gateway.metricsPort "log_level" .Values.gateway.logLevel "embeddings" $embeddings "search" $search "drain_delay" 0 "drain_timeout" .Values.gateway.drainTimeoutSeconds -}}
+{{- /* Batches keep their files and job state on the StatefulSet's volume and send lines through the proxies
+(one scheduler, one fair share), signed with the secret both tiers share: without that secret, or on the
+stateless milvus Deployment, which keeps no volume, the chart runs no batches. */ -}}
+{{- $batch := dict "enabled" false -}}
+{{- if and (ne $r.backend "milvus") .Values.gateway.batchSecret.existingSecret -}}
+{{- $batch = dict "dir" "/var/lib/vlm-gateway/batch" "dispatch_url" (printf "http://%s-gateway:%d" (include "vlm.fullname" .) (int .Values.gateway.port)) -}}
+{{- end -}}
+{{- $base := dict "role" "retrieval" "host" "0.0.0.0" "port" $r.port "metrics_port" .Values.gateway.metricsPort "log_level" .Values.gateway.logLevel "embeddings" $embeddings "search" $search "batch" $batch "drain_delay" 0 "drain_timeout" .Values.gateway.drainTimeoutSeconds -}}
 {{- if .Values.gateway.apiKeys.existingSecret -}}
 {{- $_ := set $base "keys_file" (printf "/etc/vlm-gateway/keys/%s" .Values.gateway.apiKeys.key) -}}
 {{- end -}}
