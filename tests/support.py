@@ -139,8 +139,10 @@ def search_settings(root: Path, backend: str, **extra: Any) -> dict[str, Any]:
 
 
 def write_config(path: Path, models: list[dict[str, Any]], **settings: Any) -> Path:
-    """A YAML config; the CLIP encoder is off unless a test asks for it (chat tests need no torch)."""
+    """A YAML config; the CLIP encoder is off unless a test asks for it (chat tests need no torch), and batches
+    keep their state beside the config (never in the user's default directory, shared between gateways)."""
     settings.setdefault("embeddings", {"enabled": False})
+    settings.setdefault("batch", {"dir": str(path.parent / "batch")})
     path.write_text(yaml.safe_dump({"models": models, **settings}))
     return path
 

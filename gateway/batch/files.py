@@ -58,7 +58,7 @@ class FileStorage:
             return 0
         removed = 0
         for entry in self.root.iterdir():
-            if entry.name not in known:
+            if entry.name not in known and entry.is_file():
                 entry.unlink(missing_ok=True)
                 removed += 1
         return removed

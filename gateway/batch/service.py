@@ -5,10 +5,12 @@ batches)."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 from gateway.access.keys import Identity
 from gateway.batch.executor import BatchExecutor
@@ -29,9 +31,11 @@ from gateway.batch.protocol import (
 )
 from gateway.batch.store import BatchStore
 from gateway.config import BatchSettings
-from gateway.errors import InvalidRequest, NotFound, PermissionDenied, RateLimited
+from gateway.errors import InvalidRequest, NotFound, PermissionDenied, RateLimited, ServiceUnavailable
 
 PURPOSES = ("batch",)  # what may be uploaded; outputs are "batch_output"
+LOCK = ".lock"
+log = logging.getLogger("gateway.batch")
 
 
 def _no_file(file_id: str) -> NotFound:
@@ -42,10 +46,16 @@ def _no_batch(batch_id: str) -> NotFound:
     return NotFound(f"No such Batch object: {batch_id[:64]}", param="id")
 
 
-def _caller(identity: Identity) -> Identity:
-    if identity.batch is not None:
-        raise PermissionDenied("A batch line cannot use the Files or Batches API.")
-    return identity
+def _hold(path: Path) -> IO[bytes] | None:
+    """An exclusive lock on `path` for as long as the returned file stays open; None if another process has it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    held = path.open("ab")
+    try:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held.close()
+        return None
+    return held
 
 
 class BatchService:
@@ -64,23 +74,40 @@ class BatchService:
         self.executor = executor
         self.model_check = model_check
         self.max_line_bytes = max_line_bytes
+        self._lock: IO[bytes] | None = None
+
+    def _caller(self, identity: Identity) -> Identity:
+        if self._lock is None:
+            raise ServiceUnavailable("Batches are run by another gateway process on this batch.dir.")
+        if identity.batch is not None:
+            raise PermissionDenied("A batch line cannot use the Files or Batches API.")
+        return identity
 
     async def start(self) -> None:
+        """Take `batch.dir` for this process, then resume its batches. Two executors on one directory would run
+        every line twice: a second gateway pointed at it serves no batches (503) and says why."""
+        self._lock = await asyncio.to_thread(_hold, self.settings.dir / LOCK)
+        if self._lock is None:
+            log.error("batch.dir %s is held by another gateway process: this one serves no batches", self.settings.dir)
+            return
         await self.store.open()
         known = await self.store.file_ids()
         await asyncio.to_thread(self.storage.sweep, known)
         await self.executor.start()
 
     async def stop(self) -> None:
+        if self._lock is None:
+            return
         await self.executor.stop()
         await self.store.close()
+        self._lock.close()
 
     # -- files ------------------------------------------------------------------------------------------------
 
     async def upload(
         self, identity: Identity, source: BinaryIO, size: int, filename: str, purpose: str
     ) -> dict[str, Any]:
-        caller = _caller(identity)
+        caller = self._caller(identity)
         if purpose not in PURPOSES:
             raise InvalidRequest("purpose must be 'batch'.", param="purpose")
         if size > self.settings.max_file_bytes:
@@ -106,7 +133,8 @@ class BatchService:
         return file_object(row)
 
     async def _file(self, identity: Identity, file_id: str) -> dict[str, Any]:
-        found = await self.store.file(file_id, _caller(identity).namespace) if FILE_ID_RE.fullmatch(file_id) else None
+        namespace = self._caller(identity).namespace
+        found = await self.store.file(file_id, namespace) if FILE_ID_RE.fullmatch(file_id) else None
         if found is None:
             raise _no_file(file_id)
         return found
@@ -115,7 +143,7 @@ class BatchService:
         return file_object(await self._file(identity, file_id))
 
     async def files(self, identity: Identity, listing: ListPage, purpose: str | None) -> dict[str, Any]:
-        rows = await self.store.files(_caller(identity).namespace, listing.limit, listing.after, purpose)
+        rows = await self.store.files(self._caller(identity).namespace, listing.limit, listing.after, purpose)
         return page([file_object(row) for row in rows], listing.limit)
 
     async def content(self, identity: Identity, file_id: str) -> Path:
@@ -134,7 +162,7 @@ class BatchService:
     # -- batches ----------------------------------------------------------------------------------------------
 
     async def create(self, identity: Identity, request: CreateBatch) -> dict[str, Any]:
-        caller = _caller(identity)
+        caller = self._caller(identity)
         window = window_seconds(request.completion_window)
         if window is None:
             raise InvalidRequest(
@@ -178,7 +206,7 @@ class BatchService:
         return batch_object(created)
 
     async def _batch(self, identity: Identity, batch_id: str) -> dict[str, Any]:
-        namespace = _caller(identity).namespace
+        namespace = self._caller(identity).namespace
         found = await self.store.batch(batch_id, namespace) if BATCH_ID_RE.fullmatch(batch_id) else None
         if found is None:
             raise _no_batch(batch_id)
@@ -188,7 +216,7 @@ class BatchService:
         return batch_object(await self._batch(identity, batch_id))
 
     async def batches(self, identity: Identity, listing: ListPage) -> dict[str, Any]:
-        rows = await self.store.batches(_caller(identity).namespace, listing.limit, listing.after)
+        rows = await self.store.batches(self._caller(identity).namespace, listing.limit, listing.after)
         return page([batch_object(row) for row in rows], listing.limit)
 
     async def cancel(self, identity: Identity, batch_id: str) -> dict[str, Any]:

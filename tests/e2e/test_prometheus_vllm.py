@@ -44,6 +44,7 @@ EMPTY_BECAUSE = {
     "gateway_index_last_snapshot_timestamp_seconds": "no collection exists in this run",
     "gateway_upstream_errors_total": "no replica fails during this load (the freeze comes in the next test)",
     'status=~"5.."': "no request ends in a 5xx during this load",
+    "gateway_batch_lines": "no batch runs during this load (tests/e2e/test_batch_vllm.py runs them)",
 }
 
 

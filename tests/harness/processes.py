@@ -174,4 +174,7 @@ def vllm_process(
 
 def gateway_process(args: list[str], *, port: int, log_path: Path, env: dict[str, str] | None = None) -> ManagedProcess:
     argv = [sys.executable, "-m", "gateway.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
-    return ManagedProcess(argv, log_path, f"http://127.0.0.1:{port}/health/live", env or {})
+    env = dict(env or {})
+    if "--config" not in args:  # a config file names its own batch.dir (tests.support.write_config)
+        env.setdefault("GATEWAY_BATCH__DIR", str(log_path.parent / f"batch-{port}"))
+    return ManagedProcess(argv, log_path, f"http://127.0.0.1:{port}/health/live", env)

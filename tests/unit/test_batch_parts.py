@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
 
 from gateway.access.delegation import Delegation
 from gateway.access.keys import KeyChecker
+from gateway.batch.executor import BatchExecutor
 from gateway.batch.files import FileStorage
 from gateway.batch.lines import check_input, read_lines
-from gateway.batch.protocol import derived_file_ids, new_batch_id, new_file_id, window_seconds
+from gateway.batch.protocol import ListPage, derived_file_ids, new_batch_id, new_file_id, window_seconds
+from gateway.batch.service import BatchService
 from gateway.batch.store import BatchStore
-from gateway.config import load_settings
-from gateway.errors import InvalidRequest
+from gateway.config import BatchSettings, load_settings
+from gateway.errors import InvalidRequest, ServiceUnavailable
+from gateway.metrics import GatewayMetrics
 
 CHAT = "/v1/chat/completions"
 
@@ -163,3 +166,27 @@ def test_the_sweep_removes_bytes_no_file_names(tmp_path: Path) -> None:
     assert [p.name for p in storage.root.iterdir()] == [kept]
     with pytest.raises(ValueError):
         storage.path("../../etc/passwd")
+
+
+async def test_a_second_gateway_on_the_same_batch_dir_serves_no_batches(tmp_path: Path) -> None:
+    """Two executors on one directory would run every line twice: the second process (here, a second service)
+    finds the directory held and answers 503 instead."""
+    settings = BatchSettings(dir=tmp_path)
+
+    def service() -> BatchService:
+        store, storage = BatchStore(tmp_path / "batches.sqlite3"), FileStorage(tmp_path)
+        executor = BatchExecutor(
+            store, storage, settings, cast(Any, None), "http://127.0.0.1:1", Delegation(b"s"), GatewayMetrics(), 1024
+        )
+        return BatchService(settings, store, storage, executor, lambda endpoint, model: None, 1024)
+
+    owner = KeyChecker(load_settings(keys=[{"key": "sk-a"}])).identify(b"Bearer sk-a")
+    assert owner is not None
+    first, second = service(), service()
+    await first.start()
+    await second.start()
+    assert (await first.batches(owner, ListPage(10, None)))["data"] == []
+    with pytest.raises(ServiceUnavailable):
+        await second.batches(owner, ListPage(10, None))
+    await second.stop()
+    await first.stop()
