@@ -16,6 +16,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from tests.fake_upstream import Behaviour, FakeVllm
+from tests.harness.processes import free_port, gateway_process
 from tests.support import RunningGateway, eventually, metric_value, run_gateway_async, write_config
 
 KEYS = [
@@ -284,3 +285,67 @@ async def test_the_cli_submits_waits_and_downloads_the_output(tmp_path: Path, lo
         )
         _, err = await asyncio.wait_for(refused.communicate(), 60)
         assert refused.returncode == 2 and "Line 1 of the input file" in err.decode()
+
+
+async def test_in_the_chart_topology_lines_go_through_the_proxy_tier_as_their_owner(
+    tmp_path: Path, log_dir: Path, fake_a: FakeVllm
+) -> None:
+    """The state tier (role retrieval) keeps the batch and sends its lines to the proxy tier, whose scheduler
+    orders them with everyone's work; the proxy forwards /v1/files and /v1/batches to the state tier. All three
+    endpoints a batch may name run: chat and responses on the replica, embeddings on the state tier's encoder."""
+    proxy_port, state_port = free_port(), free_port()
+    secret = "one-secret-for-both-tiers"
+    state = write_config(
+        tmp_path / "state.yaml",
+        [],
+        role="retrieval",
+        keys=KEYS,
+        embeddings={"clip_model": "tiny-random", "device": "cpu"},
+        search={"index_dir": str(tmp_path / "index")},
+        batch={"dir": str(tmp_path / "batch"), "dispatch_url": f"http://127.0.0.1:{proxy_port}", "secret": secret},
+    )
+    proxy = write_config(
+        tmp_path / "proxy.yaml",
+        [{"name": "m", "upstreams": [fake_a.url]}],
+        role="proxy",
+        retrieval_url=f"http://127.0.0.1:{state_port}",
+        keys=KEYS,
+        batch={"secret": secret},
+    )
+    tiers = [
+        gateway_process(["--config", str(config)], port=port, log_path=log_dir / f"tier-{port}.log")
+        for config, port in ((state, state_port), (proxy, proxy_port))
+    ]
+    try:
+        for tier in tiers:
+            tier.start()
+            await asyncio.to_thread(tier.wait_ready, 60)
+        gateway = RunningGateway(tiers[1], proxy_port)
+        sdk = _sdk(gateway)
+        embedding = {"custom_id": "e", "method": "POST", "url": "/v1/embeddings"}
+        jobs = {
+            CHAT: [_line(f"c{n}") for n in range(3)],
+            "/v1/responses": [
+                {"custom_id": f"r{n}", "method": "POST", "url": "/v1/responses", "body": {"model": "m", "input": "hi"}}
+                for n in range(2)
+            ],
+            "/v1/embeddings": [{**embedding, "body": {"model": "clip-tiny-random", "input": ["a cat", "a dog"]}}],
+        }
+        for endpoint, lines in jobs.items():
+            upload = await sdk.files.create(file=_jsonl(tmp_path / "in.jsonl", lines).open("rb"), purpose="batch")
+            created = await sdk.batches.create(
+                input_file_id=upload.id,
+                endpoint=endpoint,  # type: ignore[arg-type]
+                completion_window="24h",
+            )
+            done = await _until(sdk, created.id, "completed")
+            output = await _lines(sdk, done.output_file_id)
+            assert [r["response"]["status_code"] for r in output] == [200] * len(lines), (endpoint, output)
+        assert len(output[0]["response"]["body"]["data"]) == 2, "both inputs embedded"
+        assert fake_a.hits == 5
+        proxy_metrics = gateway.metrics()
+        assert metric_value(proxy_metrics, "gateway_tenant_tokens_total", {"tenant": "team-a"}) > 0, "as the owner"
+        assert (await _sdk(gateway, "sk-b").batches.list()).data == []
+    finally:
+        for tier in tiers:
+            tier.stop(grace=10)
