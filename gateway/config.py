@@ -1,7 +1,8 @@
 """The gateway's one Settings object.
 
 Precedence, highest first: explicit overrides (the CLI's flags), `GATEWAY_*` environment variables, the YAML file
-given with `--config`, then the defaults below. Nothing else in the package reads `os.environ`.
+given with `--config`, then the defaults below. Outside Settings only the standard `OTEL_*` variables are read
+(gateway/tracing.py), and the command-line clients' defaults (`OPENAI_API_KEY`, the Milvus token for `index`).
 """
 
 from __future__ import annotations
@@ -134,7 +135,6 @@ class LoraModule(BaseModel):
 
     name: str = Field(min_length=1, max_length=256, pattern=ADAPTER_NAME_PATTERN)
     path: str = Field(min_length=1, max_length=4096)
-    base_model_name: str | None = Field(None, max_length=256)
 
 
 class PoolScheduling(BaseModel):

@@ -24,7 +24,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer, format_trace_id, get_current_span
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 log = logging.getLogger("gateway.tracing")
@@ -115,8 +115,3 @@ def failed(span: Span | None, reason: str) -> None:
     if span is not None:
         span.set_attribute("error.type", reason)
         span.set_status(Status(StatusCode.ERROR))
-
-
-def current_trace_id() -> str | None:
-    context = get_current_span().get_span_context()
-    return format_trace_id(context.trace_id) if context.is_valid else None

@@ -1,5 +1,5 @@
-"""Serving logic for the generation routes (`/v1/chat/completions`, `/v1/completions`, `/v1/responses`): parse,
-check, prepare media, forward, relay.
+"""Serving logic for the generation routes (`/v1/chat/completions`, `/v1/completions`, `/v1/responses`,
+`/v1/messages`): parse, check, prepare media, forward, relay.
 
 The client's own request bytes are forwarded unchanged whenever no check needs to rewrite them: the gateway
 validates a parsed copy but re-serialises only when it rewrote the request: media parts replaced by prepared data

@@ -1,4 +1,5 @@
-"""Collections on disk under `search.index_dir`, and the operations the routes call.
+"""Collections in the configured engine (FAISS under `search.index_dir`, or Milvus), and the operations the routes
+call.
 
 Every item lives in the caller's namespace (from its API key): another key's items are invisible to search, get
 and delete. Text and image items are embedded with the gateway's CLIP encoder; a collection records that

@@ -206,9 +206,13 @@ def test_config_map_is_a_config_the_gateway_accepts(rendered: list[dict[str, Any
 
 def test_shutdown_leaves_time_to_drain_streams(rendered: list[dict[str, Any]]) -> None:
     config = yaml.safe_load(by_kind(rendered, "ConfigMap")[0]["data"]["gateway.yaml"])
-    for workload in by_kind(rendered, "Deployment") + by_kind(rendered, "StatefulSet"):
-        if workload["metadata"]["labels"]["app.kubernetes.io/component"] == "vllm":
-            continue
+    draining = [
+        w
+        for w in by_kind(rendered, "Deployment") + by_kind(rendered, "StatefulSet")
+        if w["metadata"]["labels"]["app.kubernetes.io/component"] in ("gateway", "retrieval")
+    ]
+    assert len(draining) == 2, "the proxy and the retrieval tier"
+    for workload in draining:
         spec = pod_spec(workload)
         delay = int(spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][1])
         assert delay >= 1
@@ -218,6 +222,7 @@ def test_shutdown_leaves_time_to_drain_streams(rendered: list[dict[str, Any]]) -
 def test_autoscaling_uses_metrics_the_gateway_exports(rendered: list[dict[str, Any]]) -> None:
     exported = exported_metric_names()
     scaled = by_kind(rendered, "ScaledObject")
+    assert by_kind(rendered, "Deployment"), "nothing rendered to check"
     targets = {o["spec"]["scaleTargetRef"]["name"] for o in scaled}
     for workload in by_kind(rendered, "Deployment"):
         autoscaled = workload["metadata"]["name"] in targets or any(
