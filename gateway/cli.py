@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from gateway.config import load_settings
+from gateway.config import Settings, load_settings
 
 
 def _serve_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -179,6 +179,21 @@ def _run_batch(args: argparse.Namespace) -> None:
             print(f"{label}: {path}")
 
 
+def missing_extra(settings: Settings) -> str | None:
+    """The optional extra this configuration needs and this environment lacks, as one line to act on."""
+    from importlib.util import find_spec
+
+    if settings.role == "proxy" or settings.search.backend != "milvus":
+        return None
+    if find_spec("pymilvus") is None:
+        return "search.backend milvus needs the milvus extra: pip install 'vlm-gateway[milvus]'"
+    if not settings.search.milvus_uri.startswith(("http://", "https://")) and find_spec("milvus_lite") is None:
+        return (
+            "a file-path search.milvus_uri starts Milvus Lite, in the milvus extra: pip install 'vlm-gateway[milvus]'"
+        )
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible gateway for vLLM + CLIP search")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -212,6 +227,10 @@ def main(argv: list[str] | None = None) -> None:
         except (ValidationError, FileNotFoundError) as exc:
             print(f"gateway: invalid configuration:\n{exc}", file=sys.stderr)
             raise SystemExit(2) from None
+        missing = missing_extra(settings)
+        if missing is not None:
+            print(f"gateway: {missing}", file=sys.stderr)
+            raise SystemExit(2)
         if not settings.models:
             print(
                 "gateway: no model pools configured (use --upstream or --discover with --model, or a config file)",

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from gateway.cli import _overrides, build_parser, main
+from gateway.cli import _overrides, build_parser, main, missing_extra
 from gateway.config import hash_api_key, load_settings
 
 
@@ -101,3 +101,16 @@ def test_redis_url_for_shared_limits_comes_from_the_environment(monkeypatch: pyt
     monkeypatch.setenv("GATEWAY_RATE_LIMITS_REDIS_URL", "http://not-redis")
     with pytest.raises(ValidationError):
         load_settings(None)
+
+
+def test_a_missing_optional_extra_is_one_line_naming_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    milvus = load_settings(search={"backend": "milvus", "milvus_uri": "/tmp/m.db"})
+    assert missing_extra(milvus) is None, "this environment has the extra"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "pymilvus" else real(name))
+    assert missing_extra(milvus) == "search.backend milvus needs the milvus extra: pip install 'vlm-gateway[milvus]'"
+    assert missing_extra(load_settings()) is None, "FAISS needs nothing more"
+    proxy = load_settings(role="proxy", retrieval_url="http://r:8080", search={"backend": "milvus", "milvus_uri": "x"})
+    assert missing_extra(proxy) is None, "a proxy runs no engine"
