@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from gateway.batch.protocol import FILE_ID_RE
+from gateway.durability import fsync_dir
 
 PART = ".part"
 
@@ -46,7 +47,7 @@ class FileStorage:
             os.fsync(out.fileno())
             size = out.tell()
         part.replace(final)
-        _sync_dir(self.root)
+        fsync_dir(self.root)
         return size
 
     def remove(self, file_id: str) -> None:
@@ -62,12 +63,3 @@ class FileStorage:
                 entry.unlink(missing_ok=True)
                 removed += 1
         return removed
-
-
-def _sync_dir(directory: Path) -> None:
-    """The rename itself is durable only once the directory is."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -17,10 +17,11 @@ import numpy as np
 import orjson
 from pydantic import ValidationError
 
+from gateway.durability import fsync_dir
 from gateway.search.config import IndexSpec
 from gateway.search.filters import Condition, predicate
 from gateway.search.index import Hit, Shard
-from gateway.search.store import CollectionStore, CorruptIndex, Record, Snapshot, fsync_dir
+from gateway.search.store import CollectionStore, CorruptIndex, Record, Snapshot
 
 log = logging.getLogger("gateway.search")
 META_NAME = "collection.json"

@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import orjson
 
+from gateway.durability import fsync_dir
+
 RECORD_HEADER = struct.Struct("<2sII")  # magic, payload length, crc32(payload)
 RECORD_MAGIC = b"GW"
 SNAPSHOT_MAGIC = b"GWSNAP01"
@@ -60,14 +62,6 @@ class Record:
             raw, display = raw[:-size], raw[-size:]
         vector = np.frombuffer(raw, dtype="<f4").astype(np.float32) if raw else None
         return cls(fields["seq"], fields["op"], fields["ns"], fields["id"], fields["metadata"], vector, display)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShardItems(NamedTuple):
