@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
+import orjson
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -157,3 +160,31 @@ def png_data_url(width: int = 64, height: int = 64, colour: tuple[int, int, int]
     buffer = io.BytesIO()
     Image.new("RGB", (width, height), colour).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def missing(message: str) -> NoReturn:
+    """Something a test needs is not installed: a failure when the run requires the whole stack (scripts/test sets
+    GATEWAY_E2E=required, so nothing is skipped silently), a skip otherwise."""
+    if os.environ.get("GATEWAY_E2E") == "required":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+async def post_json(
+    gateway: RunningGateway,
+    path: str,
+    body: dict[str, Any] | bytes,
+    *,
+    key: str | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> httpx.Response:
+    """One POST of `body` (JSON, or bytes as they are) to the gateway, with the key as a bearer token if given."""
+    sent = {
+        "content-type": "application/json",
+        **({"Authorization": f"Bearer {key}"} if key else {}),
+        **(headers or {}),
+    }
+    content = body if isinstance(body, bytes) else orjson.dumps(body)
+    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=timeout) as client:
+        return await client.post(path, content=content, headers=sent)

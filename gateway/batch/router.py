@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
+from gateway.access.context import context_of
 from gateway.access.keys import Identity
 from gateway.batch.protocol import CreateBatch, ListPage
 from gateway.batch.service import BatchService
@@ -20,7 +21,7 @@ MAX_FORM_FIELDS = 4  # file, purpose, and room for a client's extras
 
 
 def _identity(request: Request) -> Identity:
-    identity: Identity = request.scope["state"]["identity"]
+    identity: Identity = context_of(request.scope).identity
     return identity
 
 

@@ -23,6 +23,7 @@ from urllib.parse import quote
 import orjson
 from pydantic import ValidationError
 
+from gateway.access.context import context_of
 from gateway.asgi import Message
 from gateway.chat.protocol import ChatCompletionRequest, ImagePart, Retrieval
 from gateway.config import ModelPool
@@ -50,7 +51,7 @@ class LocalRetriever:
     search_service: SearchService
 
     async def search(self, request: SearchRequest, scope: Message) -> list[dict[str, Any]]:
-        found = await self.search_service.search(request, scope["state"]["identity"].namespace)
+        found = await self.search_service.search(request, context_of(scope).identity.namespace)
         rows: list[dict[str, Any]] = found["data"]
         return rows
 
@@ -66,7 +67,7 @@ class RemoteRetriever:
     async def search(self, request: SearchRequest, scope: Message) -> list[dict[str, Any]]:
         import aiohttp
 
-        headers = {"content-type": "application/json", "x-request-id": scope["state"]["request_id"]}
+        headers = {"content-type": "application/json", "x-request-id": context_of(scope).request_id}
         for name, value in scope["headers"]:
             if name == b"authorization":
                 headers["authorization"] = value.decode("latin-1")

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import orjson
 from opentelemetry.trace import get_current_span
 
+from gateway.access.context import context_of
 from gateway.access.limits import Limiter
 from gateway.asgi import Message, Receive, Send, read_body, send_error, with_headers
 from gateway.chat.checks import (
@@ -144,7 +145,7 @@ class CompletionsEndpoint:
                 data, request = await asyncio.to_thread(parse_request, body, model_cls)
             else:
                 data, request = parse_request(body, model_cls)
-            identity = scope["state"]["identity"]
+            identity = context_of(scope).identity
             sees = None if "operator" in identity.scopes else identity.namespace
             replicas = gateway.pools.get(request.model, sees)  # another namespace's adapter: not found
             if replicas is None:
@@ -172,7 +173,6 @@ class CompletionsEndpoint:
             return
         in_flight = metrics.of(metrics.in_flight, self.route, model_label)
         in_flight.inc()
-        state = scope["state"]
         tracing = gateway.tracing
         span = get_current_span() if tracing.enabled else None  # the request's, opened by the middleware
         if span is not None:
@@ -206,7 +206,7 @@ class CompletionsEndpoint:
             outcome = RelayOutcome(status=499)  # until the relay says otherwise: the client left before an answer
             try:
                 opened = await gateway.upstream.open(
-                    replicas, self.route, payload, state["request_id"], key, only=only, first=grant.replica
+                    replicas, self.route, payload, context_of(scope).request_id, key, only=only, first=grant.replica
                 )
                 replicas.visual_tokens.inc(visual_tokens)
                 try:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gateway.access.context import context_of
 from gateway.asgi import Message, Receive, Send, read_body, send_error
 from gateway.chat.checks import check_against_pool, parse_request
 from gateway.chat.protocol import MAX_MESSAGES, ChatMessage, ImagePart, VideoPart
@@ -104,7 +105,7 @@ class TokenEndpoint:
         try:
             body = await read_body(receive)
             _, request = parse_request(body, self.model_cls)
-            identity = scope["state"]["identity"]
+            identity = context_of(scope).identity
             sees = None if "operator" in identity.scopes else identity.namespace
             replicas = gateway.pools.get(request.model, sees)
             if replicas is None:
@@ -112,7 +113,7 @@ class TokenEndpoint:
             model_label = request.model
             check_against_pool(request, replicas.pool, [])  # allowed fields, reserved tokens, context
             only = eligible_replicas(replicas, request.model, None)
-            opened = await gateway.upstream.open(replicas, self.route, body, scope["state"]["request_id"], only=only)
+            opened = await gateway.upstream.open(replicas, self.route, body, context_of(scope).request_id, only=only)
             outcome = await relay_settled(
                 opened, receive, send, stream=False, timeouts=replicas.pool.timeouts, started=started, metrics=metrics
             )

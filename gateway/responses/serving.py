@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from gateway.access.context import context_of
 from gateway.asgi import Message, Receive, Send, send_error
 from gateway.chat.checks import ChatMedia
 from gateway.chat.serving import Generation, Placement
@@ -144,7 +145,7 @@ class StoredResponseEndpoint:
         status, model_label = 500, UNKNOWN_MODEL
         try:
             response_id = scope["path_params"]["response_id"]
-            namespace = scope["state"]["identity"].namespace
+            namespace = context_of(scope).identity.namespace
             resolved = _resolve(ids, response_id, namespace, "response_id")
             found = [
                 (rs, holder)
@@ -163,7 +164,7 @@ class StoredResponseEndpoint:
                 replicas,
                 path,
                 b"",
-                scope["state"]["request_id"],
+                context_of(scope).request_id,
                 only=_pinned(holder),
                 method="POST" if self.cancel else "GET",
             )

@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from gateway.access.context import context_of
 from gateway.access.keys import Identity
 from gateway.search.protocol import CreateCollection, ItemId, Name, SearchRequest, UpsertItems
 from gateway.search.service import SearchService
@@ -15,7 +16,7 @@ router = APIRouter()
 
 
 def _context(request: Request) -> tuple[SearchService, Identity]:
-    return request.app.state.gateway.search, request.scope["state"]["identity"]
+    return request.app.state.gateway.search, context_of(request.scope).identity
 
 
 @router.post("/v1/collections", status_code=201)

@@ -19,6 +19,7 @@ import aiohttp
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.access.context import context_of
 from gateway.access.keys import Identity
 from gateway.config import ADAPTER_NAME_PATTERN
 from gateway.errors import Conflict, InvalidRequest, NotFound, UpstreamError
@@ -62,7 +63,7 @@ def _may_change(identity: Identity, loaded: LoadedAdapter) -> bool:
 @router.post("/v1/adapters", response_model=AdapterState)
 async def load_adapter(body: LoadAdapter, request: Request) -> AdapterState:
     gateway: GatewayState = request.app.state.gateway
-    identity: Identity = request.scope["state"]["identity"]
+    identity: Identity = context_of(request.scope).identity
     replicas = _pool_for(gateway, body.model)
     if not allowed_adapter_path(body.path, replicas.pool.adapter_roots):
         raise InvalidRequest("The adapter path must lie inside one of the pool's adapter roots.", param="path")
@@ -95,7 +96,7 @@ async def load_adapter(body: LoadAdapter, request: Request) -> AdapterState:
 @router.delete("/v1/adapters/{name}", response_model=AdapterState)
 async def unload_adapter(name: str, request: Request) -> AdapterState:
     gateway: GatewayState = request.app.state.gateway
-    identity: Identity = request.scope["state"]["identity"]
+    identity: Identity = context_of(request.scope).identity
     replicas = next(
         (
             rs

@@ -13,6 +13,7 @@ import time
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from gateway.access.context import RequestContext, set_context
 from gateway.access.keys import ANONYMOUS, KeyChecker
 from gateway.access.scopes import EXACT, required_scope
 from gateway.asgi import ASGIApp, ErrorRenderer, Message, Receive, Send, send_error
@@ -112,8 +113,7 @@ class GatewayMiddleware:
                 authorization = b"Bearer " + value
         if request_id is None or not REQUEST_ID_SAFE.match(request_id):
             request_id = _REQUEST_IDS.next()
-        state = scope.setdefault("state", {})
-        state["request_id"] = request_id.decode()
+        request = request_id.decode()
         id_header = (b"x-request-id", request_id)
 
         extra_headers = [id_header]
@@ -153,7 +153,7 @@ class GatewayMiddleware:
                 await send_error(send_with_id, Unauthorized(), render=self.render_error)
                 return
             identity = found
-        state["identity"] = identity
+        set_context(scope, RequestContext(request, identity))
         if not protected:
             await self.app(scope, receive, send_with_id)
             return
@@ -178,7 +178,7 @@ class GatewayMiddleware:
         ) as span:
             if span is not None:
                 span.set_attributes({"http.request.method": scope["method"], "http.route": route})
-                span.set_attribute("gateway.request_id", state["request_id"])
+                span.set_attribute("gateway.request_id", request)
             try:
                 try:
                     identity.require(required_scope(scope["method"], scope["path"]))
@@ -206,7 +206,7 @@ class GatewayMiddleware:
                     if status >= 500:
                         span.set_status(Status(StatusCode.ERROR))
                 if self.log_requests:
-                    self._log(scope["method"], route, status, began, state["request_id"], identity.key_id, span)
+                    self._log(scope["method"], route, status, began, request, identity.key_id, span)
 
     @staticmethod
     def _log(

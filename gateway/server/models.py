@@ -7,6 +7,7 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
+from gateway.access.context import context_of
 from gateway.server.state import GatewayState
 
 
@@ -59,7 +60,7 @@ router = APIRouter()
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     gateway: GatewayState = request.app.state.gateway
-    identity = request.scope["state"]["identity"]
+    identity = context_of(request.scope).identity
     sees = None if "operator" in identity.scopes else identity.namespace  # another namespace's adapters: unseen
     cards = []
     for name, replicas in gateway.pools.by_model.items():

@@ -20,6 +20,7 @@ import aiohttp
 from starlette.routing import Route
 from yarl import URL
 
+from gateway.access.context import context_of
 from gateway.asgi import Message, Receive, Send, send_error
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.server.state import GatewayState
@@ -66,7 +67,7 @@ class RetrievalForwarder:
             await send_error(send, error)
             return
         headers = {k.decode(): v.decode() for k, v in scope["headers"] if k in FORWARDED_HEADERS}
-        headers["x-request-id"] = scope["state"]["request_id"]
+        headers["x-request-id"] = context_of(scope).request_id
         target = f"{gateway.settings.retrieval_url}{path}"
         if scope.get("query_string"):
             target += "?" + scope["query_string"].decode("latin-1")

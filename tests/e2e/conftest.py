@@ -18,7 +18,7 @@ import pytest
 
 from tests.harness.processes import ManagedProcess, free_port, vllm_process
 from tests.otlp_receiver import OtlpReceiver
-from tests.support import RunningGateway, metric_value, run_gateway, write_config
+from tests.support import RunningGateway, metric_value, missing, run_gateway, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny-qwen-vl"
@@ -37,10 +37,7 @@ def _stack_paths() -> tuple[Path, Path, Path]:
             values.setdefault(name, value)
     python, model_dir, lora_dir = values.get("VLLM_PYTHON"), values.get("TINY_MODEL_DIR"), values.get("TINY_LORA_DIR")
     if not (python and model_dir and lora_dir and Path(python).exists() and Path(model_dir).is_dir()):
-        message = "vLLM CPU build or tiny checkpoint missing: run scripts/setup (scripts/test does)"
-        if os.environ.get("GATEWAY_E2E") == "required":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("vLLM CPU build or tiny checkpoint missing: run scripts/setup (scripts/test does)")
     return Path(python), Path(model_dir), Path(lora_dir)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import signal
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from tests import helm_render
 from tests.e2e.conftest import API_KEY, MODEL, Replica, gateway_args, wait_for
 from tests.e2e.test_chat_vllm import png
 from tests.harness.processes import ManagedProcess, free_port
-from tests.support import RunningGateway, run_gateway, wait_until
+from tests.support import RunningGateway, missing, run_gateway, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "vlm-gateway"
@@ -51,10 +50,7 @@ EMPTY_BECAUSE = {
 def _prometheus_binary() -> str:
     found = shutil.which("prometheus")
     if found is None:
-        message = "Debian's prometheus is missing: run scripts/setup (scripts/test does)"
-        if os.environ.get("GATEWAY_E2E") == "required":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("Debian's prometheus is missing: run scripts/setup (scripts/test does)")
     return found
 
 

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 
 from tests.fake_upstream import Behaviour, FakeVllm
-from tests.support import RunningGateway, eventually, run_gateway_async, write_config
+from tests.support import RunningGateway, eventually, post_json, run_gateway_async, write_config
 
 READER, WRITER, ADMIN, NOTHING, BUDGETED = "sk-reader", "sk-writer", "sk-admin", "sk-nothing", "sk-budgeted"
 
@@ -34,9 +33,7 @@ async def gateway(tmp_path: Path, log_dir: Path, fake_a: FakeVllm) -> AsyncItera
 
 
 async def _post(gateway: RunningGateway, path: str, body: dict[str, Any], key: str = READER) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}", "content-type": "application/json"}
-    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
-        return await client.post(path, content=orjson.dumps(body), headers=headers)
+    return await post_json(gateway, path, body, key=key)
 
 
 def _chat(**fields: Any) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import orjson
 from PIL import Image
 
 from tests.fake_upstream import Behaviour, FakeVllm
-from tests.support import RunningGateway, eventually, run_gateway_async, write_config
+from tests.support import RunningGateway, eventually, post_json, run_gateway_async, write_config
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 JSON = {"content-type": "application/json"}
@@ -27,9 +27,7 @@ def _config(tmp_path: Path, fake: FakeVllm, pool: dict[str, Any] | None = None, 
 
 
 async def _post(gateway: RunningGateway, body: dict[str, Any], key: str | None = None) -> httpx.Response:
-    headers = {**JSON, **({"Authorization": f"Bearer {key}"} if key else {})}
-    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
-        return await client.post("/v1/chat/completions", content=orjson.dumps(body), headers=headers)
+    return await post_json(gateway, "/v1/chat/completions", body, key=key)
 
 
 async def test_beyond_the_inflight_limit_and_queue_answers_429_at_once(
@@ -78,9 +76,13 @@ async def test_queue_time_budget_gives_503(tmp_path: Path, log_dir: Path, fake_a
     fake_a.behaviour = Behaviour(chunks=30, chunk_delay=0.1)
     args = _config(tmp_path, fake_a, {"max_inflight": 1, "max_queue": 5, "queue_timeout": 0.5})
     async with run_gateway_async(args, log_dir) as gateway:
-        first, second = await asyncio.gather(_post(gateway, {**CHAT, "stream": True}), _post(gateway, CHAT))
-        assert first.status_code == 200
+        # The stream holds the one slot for ~3 s before the second request is sent (sent together, either could go
+        # first, and a quick answer would free the slot within the budget).
+        first = asyncio.create_task(_post(gateway, {**CHAT, "stream": True}))
+        assert await eventually(lambda: fake_a.hits == 1)
+        second = await _post(gateway, CHAT)
         assert second.status_code == 503 and second.headers["retry-after"] == "2"
+        assert (await first).status_code == 200
 
 
 async def test_one_flooding_key_is_limited_alone(tmp_path: Path, log_dir: Path, fake_a: FakeVllm) -> None:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from tests.fake_upstream import FakeVllm
 from tests.media_server import MediaHost, bomb_png, gif_with_oversized_frame, png_bytes
-from tests.support import RunningGateway, run_gateway_async, write_config
+from tests.support import RunningGateway, post_json, run_gateway_async, write_config
 
 JSON = {"content-type": "application/json"}
 SMALL_BUDGET = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 64}
@@ -97,8 +97,7 @@ async def strict(tmp_path: Path, log_dir: Path, fake_a: FakeVllm) -> AsyncIterat
 
 
 async def _post(gateway: RunningGateway, body: dict[str, Any], timeout: float = 30) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=timeout) as client:
-        return await client.post("/v1/chat/completions", content=orjson.dumps(body), headers=JSON)
+    return await post_json(gateway, "/v1/chat/completions", body, timeout=timeout)
 
 
 def _error(response: httpx.Response, status: int) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import pytest
 
 from tests.fake_upstream import FakeVllm
 from tests.harness.processes import free_port
-from tests.support import RunningGateway, eventually, run_gateway_async, write_config
+from tests.support import RunningGateway, eventually, post_json, run_gateway_async, write_config
 
 KEY = "sk-test-4c0ffee-very-secret"
 WRONG_KEY = "sk-wrong-deadbeef-also-secret"
@@ -51,9 +51,7 @@ async def gateway(tmp_path: Path, log_dir: Path, fake_a: FakeVllm) -> AsyncItera
 async def _post(
     gateway: RunningGateway, body: bytes | dict[str, Any], headers: dict[str, str] = AUTH
 ) -> httpx.Response:
-    content = body if isinstance(body, bytes) else orjson.dumps(body)
-    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
-        return await client.post("/v1/chat/completions", content=content, headers=headers)
+    return await post_json(gateway, "/v1/chat/completions", body, headers=headers)
 
 
 def _assert_openai_error(response: httpx.Response, status: int) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import pytest
 from tests.fake_upstream import Behaviour, FakeVllm
 from tests.harness.processes import free_port
 from tests.media_server import DRIP_EVERY
-from tests.support import RunningGateway, eventually, png_data_url, run_gateway_async, write_config
+from tests.support import RunningGateway, eventually, png_data_url, post_json, run_gateway_async, write_config
 
 HEADERS = {"content-type": "application/json"}
 
@@ -72,9 +72,7 @@ async def gateway(tmp_path: Path, log_dir: Path, fake_a: FakeVllm, fake_b: FakeV
 
 
 async def _post(gateway: RunningGateway, body: dict[str, Any] | bytes) -> httpx.Response:
-    content = body if isinstance(body, bytes) else orjson.dumps(body)
-    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
-        return await client.post("/v1/responses", content=content, headers=HEADERS)
+    return await post_json(gateway, "/v1/responses", body, headers=HEADERS)
 
 
 def _error(response: httpx.Response, status: int) -> dict[str, Any]:

@@ -4,7 +4,6 @@ what happens when Redis goes away (CASES C3 across replicas)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import socket
 import subprocess
@@ -13,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import orjson
 import pytest
 
 from tests.fake_upstream import Behaviour, FakeVllm
 from tests.harness.processes import free_port
-from tests.support import RunningGateway, eventually, run_gateway_async, wait_until, write_config
+from tests.support import RunningGateway, eventually, missing, post_json, run_gateway_async, wait_until, write_config
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 JSON = {"content-type": "application/json"}
@@ -28,10 +26,7 @@ JSON = {"content-type": "application/json"}
 def redis_url(tmp_path: Path) -> Iterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
-        message = "redis-server missing: scripts/setup installs Debian's redis-server"
-        if os.environ.get("GATEWAY_E2E") == "required":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("redis-server missing: scripts/setup installs Debian's redis-server")
     port = free_port()
     argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     server = subprocess.Popen([*argv, "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -58,9 +53,7 @@ def _config(tmp_path: Path, fake: FakeVllm, name: str, **settings: Any) -> list[
 
 
 async def _post(gateway: RunningGateway, key: str, body: dict[str, Any] = CHAT) -> httpx.Response:
-    headers = {**JSON, "Authorization": f"Bearer {key}"}
-    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
-        return await client.post("/v1/chat/completions", content=orjson.dumps(body), headers=headers)
+    return await post_json(gateway, "/v1/chat/completions", body, key=key)
 
 
 async def test_two_replicas_draw_on_one_budget_per_key(

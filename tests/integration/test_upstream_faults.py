@@ -13,7 +13,7 @@ import pytest
 
 from tests.fake_upstream import WHOLE_BODY, Behaviour, FakeVllm, sse_chunk
 from tests.harness.processes import free_port
-from tests.support import RunningGateway, run_gateway_async, write_config
+from tests.support import RunningGateway, post_json, run_gateway_async, write_config
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 JSON = {"content-type": "application/json"}
@@ -34,10 +34,7 @@ def _config(tmp_path: Path, upstreams: list[str], **pool: Any) -> list[str]:
 
 
 async def _post(gateway: RunningGateway, body: dict[str, Any], headers: dict[str, str] | None = None) -> httpx.Response:
-    async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
-        return await client.post(
-            "/v1/chat/completions", content=orjson.dumps(body), headers={**JSON, **(headers or {})}
-        )
+    return await post_json(gateway, "/v1/chat/completions", body, headers=headers)
 
 
 async def _stream_events(gateway: RunningGateway, body: dict[str, Any]) -> tuple[int, list[bytes]]:
