@@ -438,6 +438,12 @@ class Settings(BaseSettings):
     max_connections: int = Field(4096, ge=1, le=1_000_000)
     # Bodies above this size are parsed and validated in a worker thread, off the event loop.
     inline_parse_bytes: int = Field(256 * 1024, ge=0)
+    # Calls to other services, each its own budget: one forwarded to the retrieval service (role proxy: search,
+    # embeddings, and file uploads up to batch.max_file_bytes), a grounded chat's search there, and an adapter
+    # load or unload on each replica (vLLM reads the weights from its volume).
+    retrieval_timeout: float = Field(300.0, gt=0, le=86400)
+    grounding_timeout: float = Field(30.0, gt=0, le=3600)
+    adapter_call_timeout: float = Field(120.0, gt=0, le=3600)
     health_check_interval: float = Field(5.0, gt=0, le=3600)
     health_check_timeout: float = Field(2.0, gt=0, le=60)
     # How long a replica that refused a connection or answered 429/503 is skipped.

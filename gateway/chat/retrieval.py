@@ -62,7 +62,7 @@ class RemoteRetriever:
 
     base_url: str
     session: Any  # the upstream aiohttp session
-    timeout: float = 30.0
+    timeout: float  # settings.grounding_timeout
 
     async def search(self, request: SearchRequest, scope: Message) -> list[dict[str, Any]]:
         import aiohttp

@@ -28,7 +28,6 @@ from gateway.upstream.adapters import allowed_adapter_path, load_on, unload_on
 from gateway.upstream.pool import LoadedAdapter, ReplicaSet
 
 router = APIRouter()
-ADAPTER_CALL_TIMEOUT = aiohttp.ClientTimeout(total=120)  # loading reads the weights from the volume
 
 
 class LoadAdapter(BaseModel):
@@ -81,7 +80,8 @@ async def load_adapter(body: LoadAdapter, request: Request) -> AdapterState:
         )
     session = gateway.upstream.session
     targets = [r for r in replicas.replicas if r.healthy]
-    errors = await asyncio.gather(*(load_on(session, r, body.name, body.path, ADAPTER_CALL_TIMEOUT) for r in targets))
+    timeout = aiohttp.ClientTimeout(total=gateway.settings.adapter_call_timeout)
+    errors = await asyncio.gather(*(load_on(session, r, body.name, body.path, timeout) for r in targets))
     loaded = [r for r, error in zip(targets, errors, strict=True) if error is None]
     if not loaded:
         reason = next((e for e in errors if e), "no replica is healthy")
@@ -110,7 +110,8 @@ async def unload_adapter(name: str, request: Request) -> AdapterState:
     del replicas.dynamic_adapters[name]  # first: a replica coming back must not get it re-applied
     session = gateway.upstream.session
     targets = [r for r in replicas.replicas if r.healthy]
-    await asyncio.gather(*(unload_on(session, r, name, ADAPTER_CALL_TIMEOUT) for r in targets))
+    timeout = aiohttp.ClientTimeout(total=gateway.settings.adapter_call_timeout)
+    await asyncio.gather(*(unload_on(session, r, name, timeout) for r in targets))
     for replica in replicas.replicas:
         if replica.adapters is not None:
             replica.adapters = replica.adapters - {name}

@@ -96,7 +96,7 @@ def _response_ids(settings: Settings) -> ResponseIds:
 def _retriever(settings: Settings, search: SearchService, upstream: UpstreamClient) -> Retriever:
     """Where a grounded chat searches: this process's index, or in role proxy the retrieval service."""
     if settings.role == "proxy" and settings.retrieval_url:
-        return RemoteRetriever(settings.retrieval_url, upstream.session)
+        return RemoteRetriever(settings.retrieval_url, upstream.session, settings.grounding_timeout)
     return LocalRetriever(search)
 
 

@@ -39,7 +39,6 @@ PATHS = [
 ]
 # Both ways in chunks: a batch's input file (up to batch.max_file_bytes) or output is never held whole here.
 CHUNK = 256 * 1024
-TIMEOUT = aiohttp.ClientTimeout(total=300, sock_connect=5)
 
 
 def forwardable_path(raw_path: bytes) -> str:
@@ -91,7 +90,8 @@ class RetrievalForwarder:
         gateway: GatewayState, method: str, url: URL, receive: Receive, headers: dict[str, str], send: Send
     ) -> None:
         session = gateway.upstream.session
-        async with session.request(method, url, data=_body(receive), headers=headers, timeout=TIMEOUT) as response:
+        timeout = aiohttp.ClientTimeout(total=gateway.settings.retrieval_timeout, sock_connect=5)
+        async with session.request(method, url, data=_body(receive), headers=headers, timeout=timeout) as response:
             out = [(b"content-type", response.headers.get("Content-Type", "application/json").encode())]
             for name in ("Retry-After", "Content-Length"):
                 if name in response.headers:
