@@ -6,6 +6,7 @@ It is the FAISS engine's `StoredCollection` (gateway/search/backend.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -205,7 +206,16 @@ class Collection:
         shard = self.shards.get(namespace)
         if shard is None:
             return []
-        return await asyncio.to_thread(shard.search, query, top_k, predicate(conditions))
+        hits = await asyncio.to_thread(shard.search, query, top_k, predicate(conditions))
+        if with_vectors and with_displays:
+            return hits
+        # The rows hold both in memory; the contract hands back only what was asked for, as Milvus does.
+        return [
+            dataclasses.replace(
+                hit, vector=hit.vector if with_vectors else None, display=hit.display if with_displays else None
+            )
+            for hit in hits
+        ]
 
     async def count(self, namespace: str | None = None) -> int:
         if namespace is None:

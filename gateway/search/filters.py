@@ -17,7 +17,8 @@ from typing import Any
 
 from gateway.errors import InvalidRequest
 
-Filter = Callable[[dict[str, Any]], bool]
+# A metadata document in, whether the item passes: what a request's `filter` compiles to for the FAISS engine.
+Predicate = Callable[[dict[str, Any]], bool]
 Typed = tuple[str, Any]
 
 
@@ -55,7 +56,7 @@ def typed(value: Any) -> Typed:
     return (type(value).__name__, value)
 
 
-def predicate(conditions: list[Condition]) -> Filter | None:
+def predicate(conditions: list[Condition]) -> Predicate | None:
     """The conditions as a predicate on one item's metadata (membership is a set lookup)."""
     if not conditions:
         return None

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from gateway.search.config import IndexSpec
-from gateway.search.filters import Filter
+from gateway.search.filters import Predicate
 from gateway.search.store import ShardItems
 
 
@@ -102,7 +102,7 @@ class Shard:
                 [self._displays[r] for r in rows],
             )
 
-    def search(self, query: np.ndarray, top_k: int, where: Filter | None) -> list[Hit]:
+    def search(self, query: np.ndarray, top_k: int, where: Predicate | None) -> list[Hit]:
         """Scores rows [0, count) as of the call. Only references and the liveness mask are taken under the lock:
         rows below `count` are never rewritten (an upsert appends, growing swaps in a new array), so the filter
         and the scoring run without it and a slow filter never holds up writers or readers."""
