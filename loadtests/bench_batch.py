@@ -30,9 +30,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loadtests.bench_affinity import stack_env  # noqa: E402
-from loadtests.bench_fairness import MODEL, chat, one, p  # noqa: E402
-from tests.harness.processes import free_port, gateway_process, vllm_process  # noqa: E402
+from loadtests.bench_fairness import MODEL, chat, one, p, small_batch_replica  # noqa: E402
+from tests.harness.processes import free_port, gateway_process  # noqa: E402
 
 KEY = "sk-bench"
 TOKENS = 48
@@ -175,22 +174,12 @@ def main() -> None:
         print("| durable line, 2,000 in a row | lines/s |\n|---|---|")
         print(f"| batch store (SQLite WAL, synchronous=FULL) | {sqlite_rate:,.0f} |")
         print(f"| JSONL append + fsync | {log_rate:,.0f} |\n")
-    env = stack_env()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        port = free_port()
-        replica = vllm_process(
-            Path(env["VLLM_PYTHON"]),
-            Path(env["TINY_MODEL_DIR"]),
-            served_name=MODEL,
-            port=port,
-            log_path=workdir / "vllm.log",
-            limit_mm_per_prompt={"image": 2, "video": 1},
-            max_num_seqs=4,
-        )
+        replica, replica_url = small_batch_replica(workdir, 4)
         gateway_port = free_port()
         config = {
-            "models": [{"name": MODEL, "upstreams": [f"http://127.0.0.1:{port}"]}],
+            "models": [{"name": MODEL, "upstreams": [replica_url]}],
             "keys": [{"key": KEY, "namespace": "bench"}],
             "embeddings": {"enabled": False},
             "batch": {"dir": str(workdir / "batch")},
@@ -200,7 +189,6 @@ def main() -> None:
         gateway = gateway_process(
             ["--config", str(workdir / "g.yaml")], port=gateway_port, log_path=workdir / "gateway.log"
         )
-        replica.start()
         gateway.start()
         try:
             replica.wait_ready(600)

@@ -232,27 +232,34 @@ def start_gateway(replica: str, enabled: bool, workdir: Path) -> tuple[ManagedPr
     return process, f"http://127.0.0.1:{port}"
 
 
+def small_batch_replica(workdir: Path, max_num_seqs: int) -> tuple[ManagedProcess, str]:
+    """One vLLM CPU replica of the tiny checkpoint whose batch holds `max_num_seqs` sequences (started, not yet
+    ready): a saturated GPU in miniature. Shared with bench_batch.py."""
+    env = stack_env()
+    port = free_port()
+    replica = vllm_process(
+        Path(env["VLLM_PYTHON"]),
+        Path(env["TINY_MODEL_DIR"]),
+        served_name=MODEL,
+        port=port,
+        log_path=workdir / "vllm.log",
+        limit_mm_per_prompt={"image": 2, "video": 1},
+        max_num_seqs=max_num_seqs,
+    )
+    replica.start()
+    return replica, f"http://127.0.0.1:{port}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--flood", type=int, default=32)
     parser.add_argument("--max-num-seqs", type=int, default=4)
     args = parser.parse_args()
-    env = stack_env()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        port = free_port()
-        replica = vllm_process(
-            Path(env["VLLM_PYTHON"]),
-            Path(env["TINY_MODEL_DIR"]),
-            served_name=MODEL,
-            port=port,
-            log_path=workdir / "vllm.log",
-            limit_mm_per_prompt={"image": 2, "video": 1},
-            max_num_seqs=args.max_num_seqs,
-        )
-        replica.start()
-        gateways = [start_gateway(f"http://127.0.0.1:{port}", enabled, workdir) for enabled in (False, True)]
+        replica, replica_url = small_batch_replica(workdir, args.max_num_seqs)
+        gateways = [start_gateway(replica_url, enabled, workdir) for enabled in (False, True)]
         try:
             replica.wait_ready(600)
             for process, _ in gateways:

@@ -12,7 +12,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from gateway.search.collection import META_NAME, CollectionMeta
+from gateway.search.backend import CollectionMeta
+from gateway.search.collection import META_NAME
 from gateway.search.store import SNAPSHOT_NAME, WAL_NAME
 
 MEMBERS = (META_NAME, SNAPSHOT_NAME, WAL_NAME)

@@ -8,75 +8,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import orjson
-from pydantic import ValidationError
 
 from gateway.durability import fsync_dir
-from gateway.search.config import IndexSpec
+from gateway.search.backend import CollectionMeta, Hit, Record
 from gateway.search.filters import Condition, predicate
-from gateway.search.index import Hit, Shard
-from gateway.search.store import CollectionStore, CorruptIndex, Record, Snapshot
+from gateway.search.index import Shard
+from gateway.search.store import CollectionStore, CorruptIndex, Snapshot
 
 log = logging.getLogger("gateway.search")
 META_NAME = "collection.json"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # as the API's collection names
-
-
-@dataclass(frozen=True)
-class CollectionMeta:
-    name: str
-    dim: int
-    encoder: str | None  # the encoder whose vectors it holds; None for vector-only collections
-    index: IndexSpec
-    created: int
-    owner: str | None = None  # the namespace whose admin created it; None (older collections): operators only
-
-    def dump(self) -> bytes:
-        return orjson.dumps(
-            {
-                "name": self.name,
-                "dim": self.dim,
-                "encoder": self.encoder,
-                "index": self.index.model_dump(),
-                "created": self.created,
-                "owner": self.owner,
-            }
-        )
-
-    @classmethod
-    def load(cls, raw: bytes) -> CollectionMeta:
-        """Parse and check a collection document; ValueError (with a reason fit for readiness) if malformed."""
-        try:
-            data = orjson.loads(raw)
-            meta = cls(
-                data["name"],
-                data["dim"],
-                data["encoder"],
-                IndexSpec(**data["index"]),
-                data["created"],
-                data.get("owner"),
-            )
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValidationError):
-            raise ValueError("its collection document is malformed") from None
-        valid = (
-            isinstance(meta.name, str)
-            and NAME_PATTERN.fullmatch(meta.name) is not None
-            and isinstance(meta.dim, int)
-            and 1 <= meta.dim <= 8192
-            and (meta.encoder is None or isinstance(meta.encoder, str))
-            and isinstance(meta.created, int)
-            and (meta.owner is None or isinstance(meta.owner, str))
-        )
-        if not valid:
-            raise ValueError("its collection document is malformed")
-        return meta
 
 
 class Collection:

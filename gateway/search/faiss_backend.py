@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gateway.errors import Conflict
-from gateway.search.backend import StoredCollection
-from gateway.search.collection import META_NAME, Collection, CollectionMeta
+from gateway.search.backend import CollectionMeta, StoredCollection
+from gateway.search.collection import META_NAME, Collection
 from gateway.search.config import IndexSpec
 
 

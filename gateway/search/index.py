@@ -15,18 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from gateway.search.backend import Hit
 from gateway.search.config import IndexSpec
 from gateway.search.filters import Predicate
 from gateway.search.store import ShardItems
-
-
-@dataclass(slots=True)
-class Hit:
-    item_id: str
-    score: float
-    metadata: dict[str, Any]
-    vector: np.ndarray | None  # None when a search did not ask for vectors
-    display: bytes | None = None  # the image item's display copy, when one is stored
 
 
 class Shard:

@@ -19,10 +19,11 @@ from gateway.config import SearchSettings
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.search.archive import export_collection, restore_collection
-from gateway.search.collection import META_NAME, Collection, CollectionMeta
+from gateway.search.backend import CollectionMeta, Record
+from gateway.search.collection import META_NAME, Collection
 from gateway.search.milvus_backend import MilvusBackend
 from gateway.search.milvus_collection import MilvusCollection, display_of
-from gateway.search.store import CollectionStore, Record, ShardItems, Snapshot
+from gateway.search.store import CollectionStore, ShardItems, Snapshot
 
 BATCH = 1000
 

@@ -27,8 +27,7 @@ from typing import Any, NoReturn
 from gateway.config import MILVUS_MAX_DOCUMENT, SearchSettings
 from gateway.errors import Conflict, IndexUnavailable, InvalidRequest, NotFound
 from gateway.metrics import GatewayMetrics
-from gateway.search.backend import StoredCollection
-from gateway.search.collection import CollectionMeta
+from gateway.search.backend import CollectionMeta, StoredCollection
 from gateway.search.config import IndexSpec
 from gateway.search.milvus_collection import (
     CollectionGone,

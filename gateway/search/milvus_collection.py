@@ -20,11 +20,9 @@ import orjson
 from gateway.config import SearchSettings
 from gateway.errors import IndexUnavailable, InvalidRequest, NotFound
 from gateway.metrics import GatewayMetrics
-from gateway.search.collection import CollectionMeta
+from gateway.search.backend import CollectionMeta, Hit, Record
 from gateway.search.config import IndexSpec
 from gateway.search.filters import MISSING, Condition, is_key_field, item_fields, milvus_expression, namespace_token
-from gateway.search.index import Hit
-from gateway.search.store import Record
 
 # Filterable keys per item: each is a dynamic field of ~55 bytes, and Milvus caps an item's dynamic JSON at 64 KiB.
 MAX_KEYS = 1024

@@ -22,13 +22,11 @@ from gateway.config import SearchSettings
 from gateway.embeddings.service import EmbeddingsService
 from gateway.errors import Conflict, IndexUnavailable, InvalidRequest, NotFound, ServiceUnavailable, StorageFailed
 from gateway.metrics import GatewayMetrics
-from gateway.search.backend import IndexBackend, StoredCollection
-from gateway.search.collection import CollectionMeta
+from gateway.search.backend import CollectionMeta, IndexBackend, Record, StoredCollection
 from gateway.search.display import data_url, display_copy
 from gateway.search.faiss_backend import FaissBackend
 from gateway.search.filters import parse_filter
 from gateway.search.protocol import Content, CreateCollection, Item, SearchRequest
-from gateway.search.store import Record
 from gateway.tracing import OFF, Tracing
 
 log = logging.getLogger("gateway.search")

@@ -22,6 +22,7 @@ import numpy as np
 import orjson
 
 from gateway.durability import fsync_dir
+from gateway.search.backend import Record
 
 RECORD_HEADER = struct.Struct("<2sII")  # magic, payload length, crc32(payload)
 RECORD_MAGIC = b"GW"
@@ -34,34 +35,31 @@ class CorruptIndex(Exception):
     """The collection's files are damaged beyond a torn final record."""
 
 
-@dataclass(slots=True)
-class Record:
-    seq: int
-    op: str  # "upsert" | "delete"
-    namespace: str
-    item_id: str
-    metadata: dict[str, Any] | None = None
-    vector: np.ndarray | None = None
-    display: bytes | None = None  # an image item's display copy (JPEG), see gateway/search/display.py
+def encode_record(record: Record) -> bytes:
+    """One WAL record: header (magic, length, checksum), then the fields as JSON, the vector, the display copy."""
+    fields = {
+        "seq": record.seq,
+        "op": record.op,
+        "ns": record.namespace,
+        "id": record.item_id,
+        "metadata": record.metadata,
+    }
+    if record.display:
+        fields["display"] = len(record.display)  # its bytes follow the vector's
+    head = orjson.dumps(fields)
+    vector = record.vector.astype("<f4").tobytes() if record.vector is not None else b""
+    payload = head + b"\n" + vector + (record.display or b"")
+    return RECORD_HEADER.pack(RECORD_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
-    def encode(self) -> bytes:
-        fields = {"seq": self.seq, "op": self.op, "ns": self.namespace, "id": self.item_id, "metadata": self.metadata}
-        if self.display:
-            fields["display"] = len(self.display)  # its bytes follow the vector's
-        head = orjson.dumps(fields)
-        vector = self.vector.astype("<f4").tobytes() if self.vector is not None else b""
-        payload = head + b"\n" + vector + (self.display or b"")
-        return RECORD_HEADER.pack(RECORD_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
-    @classmethod
-    def decode(cls, payload: bytes) -> Record:
-        head, _, raw = payload.partition(b"\n")
-        fields = orjson.loads(head)
-        display = None
-        if size := fields.get("display"):  # absent in records written before display copies existed
-            raw, display = raw[:-size], raw[-size:]
-        vector = np.frombuffer(raw, dtype="<f4").astype(np.float32) if raw else None
-        return cls(fields["seq"], fields["op"], fields["ns"], fields["id"], fields["metadata"], vector, display)
+def decode_record(payload: bytes) -> Record:
+    head, _, raw = payload.partition(b"\n")
+    fields = orjson.loads(head)
+    display = None
+    if size := fields.get("display"):  # absent in records written before display copies existed
+        raw, display = raw[:-size], raw[-size:]
+    vector = np.frombuffer(raw, dtype="<f4").astype(np.float32) if raw else None
+    return Record(fields["seq"], fields["op"], fields["ns"], fields["id"], fields["metadata"], vector, display)
 
 
 class ShardItems(NamedTuple):
@@ -100,7 +98,7 @@ class CollectionStore:
         """Write and fsync; on any I/O error the log is cut back to where it was, and the error propagates."""
         assert self._wal is not None
         start = self._wal.tell()
-        data = memoryview(b"".join(record.encode() for record in records))
+        data = memoryview(b"".join(encode_record(record) for record in records))
         try:
             written = 0
             while written < len(data):
@@ -132,7 +130,7 @@ class CollectionStore:
             payload = data[header_end : header_end + length]
             if magic != RECORD_MAGIC or len(payload) < length or zlib.crc32(payload) != crc:
                 break
-            yield Record.decode(payload)
+            yield decode_record(payload)
             offset = header_end + length
         if offset < len(data):
             if _any_valid_record_after(data, offset + 1):

@@ -10,6 +10,7 @@ import numpy as np
 import orjson
 import pytest
 
+from gateway.search.backend import Record
 from gateway.search.store import (
     RECORD_HEADER,
     RECORD_MAGIC,
@@ -17,9 +18,9 @@ from gateway.search.store import (
     SNAPSHOT_MAGIC,
     CollectionStore,
     CorruptIndex,
-    Record,
     ShardItems,
     Snapshot,
+    encode_record,
 )
 
 
@@ -83,7 +84,7 @@ def test_a_torn_last_record_is_cut_off(tmp_path: Path, cut: int) -> None:
     store.append(_records(3))
     store.close()
     good_size = store.wal_path.stat().st_size
-    tail = _records(1, start=4)[0].encode()
+    tail = encode_record(_records(1, start=4)[0])
     with open(store.wal_path, "ab") as wal:
         wal.write(tail[:cut])  # a crash in the middle of an append
     assert [r.seq for r in CollectionStore(tmp_path).replay()] == [1, 2, 3]
@@ -156,7 +157,8 @@ def test_a_damaged_snapshot_is_refused_not_served_empty(tmp_path: Path, damage: 
 async def test_a_collection_keeps_display_copies_through_the_wal_and_a_snapshot(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from gateway.search.collection import Collection, CollectionMeta
+    from gateway.search.backend import CollectionMeta
+    from gateway.search.collection import Collection
     from gateway.search.config import IndexSpec
 
     meta = CollectionMeta("c", 8, None, IndexSpec(), 0, "ns")
