@@ -119,7 +119,7 @@ def _run_index(args: argparse.Namespace) -> None:
     from gateway.search.archive import export_collection, restore_collection
 
     if args.action == "add":
-        from gateway.search.ingest import ingest
+        from gateway.clients.ingest import ingest
 
         result = ingest(
             args.source,
@@ -166,7 +166,7 @@ def _batch_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def _run_batch(args: argparse.Namespace) -> None:
-    from gateway.batch.submit import submit
+    from gateway.clients.batch_submit import submit
 
     done = submit(
         args.file, args.url, args.api_key, endpoint=args.endpoint, window=args.completion_window, wait=args.wait
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2) from None
         return
     if args.command == "batch":
-        from gateway.batch.submit import SubmitFailed
+        from gateway.clients.batch_submit import SubmitFailed
 
         try:
             _run_batch(args)

@@ -6,7 +6,6 @@ decoder would write must lie inside the declared canvas (a GIF frame larger than
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import math
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gateway.errors import ImageRefused
+from gateway.media.data_urls import data_url
 from gateway.media.pixels import decode_pixels, encode_jpeg, flatten_to_rgb, orient, resize
 
 PATCH = 28  # Qwen2.5-VL: 14-pixel patches merged 2x2 -> one visual token per 28x28 pixels
@@ -144,7 +144,7 @@ def prepare_image(
         pixels = resize(pixels, *stored_target)
     encoded = encode_jpeg(orient(pixels, orientation))
     return PreparedMedia(
-        data_url="data:image/jpeg;base64," + base64.b64encode(encoded).decode(),
+        data_url=data_url(encoded),
         sha256=hashlib.sha256(encoded).hexdigest(),
         width=new_width,
         height=new_height,

@@ -7,7 +7,6 @@ uses absolute time); forwarding within caps keeps answers identical to a direct 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import math
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 import av
 
 from gateway.errors import VideoRefused
+from gateway.media.data_urls import data_url
 from gateway.media.images import PATCH, PreparedMedia, smart_resize
 
 SAMPLED_FPS = 2.0  # Qwen2.5-VL's default sampling rate
@@ -77,7 +77,7 @@ def prepare_video(data: bytes, caps: VideoCaps, param: str) -> PreparedMedia:
     frame_h, frame_w = smart_resize(height, width, VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS)
     tokens = math.ceil(sampled / TEMPORAL_PATCH) * (frame_h // PATCH) * (frame_w // PATCH)
     return PreparedMedia(
-        data_url=f"data:{media_type};base64," + base64.b64encode(data).decode(),
+        data_url=data_url(data, media_type),
         sha256=hashlib.sha256(data).hexdigest(),
         width=width,
         height=height,

@@ -8,7 +8,6 @@ result lists; this one is large enough for the vision model to read.
 
 from __future__ import annotations
 
-import base64
 import io
 
 from PIL import Image
@@ -39,7 +38,3 @@ def _fit(image: Image.Image, side: int) -> Image.Image:
         return image.copy()
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-
-
-def data_url(display: bytes) -> str:
-    return "data:image/jpeg;base64," + base64.b64encode(display).decode()

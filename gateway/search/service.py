@@ -21,9 +21,10 @@ from gateway.access.keys import Identity
 from gateway.config import SearchSettings
 from gateway.embeddings.service import EmbeddingsService
 from gateway.errors import Conflict, IndexUnavailable, InvalidRequest, NotFound, ServiceUnavailable, StorageFailed
+from gateway.media.data_urls import data_url
 from gateway.metrics import GatewayMetrics
 from gateway.search.backend import CollectionMeta, IndexBackend, Record, StoredCollection
-from gateway.search.display import data_url, display_copy
+from gateway.search.display import display_copy
 from gateway.search.faiss_backend import FaissBackend
 from gateway.search.filters import parse_filter
 from gateway.search.protocol import Content, CreateCollection, Item, SearchRequest
