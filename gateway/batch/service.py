@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -75,32 +76,47 @@ class BatchService:
         self.model_check = model_check
         self.max_line_bytes = max_line_bytes
         self._lock: IO[bytes] | None = None
+        self._unavailable = "Batches are not started yet."
 
     def _caller(self, identity: Identity) -> Identity:
         if self._lock is None:
-            raise ServiceUnavailable("Batches are run by another gateway process on this batch.dir.")
+            raise ServiceUnavailable(self._unavailable)
         if identity.batch is not None:
             raise PermissionDenied("A batch line cannot use the Files or Batches API.")
         return identity
 
     async def start(self) -> None:
         """Take `batch.dir` for this process, then resume its batches. Two executors on one directory would run
-        every line twice: a second gateway pointed at it serves no batches (503) and says why."""
-        self._lock = await asyncio.to_thread(_hold, self.settings.dir / LOCK)
-        if self._lock is None:
-            log.error("batch.dir %s is held by another gateway process: this one serves no batches", self.settings.dir)
+        every line twice: a second gateway pointed at it serves no batches (503) and says why. So does a gateway
+        whose directory cannot be written (a read-only root file system): the rest of the gateway serves on."""
+        directory = self.settings.dir
+        try:
+            self._lock = await asyncio.to_thread(_hold, directory / LOCK)
+            if self._lock is None:
+                self._unavailable = "Batches are run by another gateway process on this batch.dir."
+                log.error("batch.dir %s is held by another gateway process: this one serves no batches", directory)
+                return
+            await self.store.open()
+        except (OSError, sqlite3.Error) as exc:
+            self._release()
+            self._unavailable = "Batches are not available: this gateway cannot write its batch.dir."
+            log.error("batch.dir %s cannot be used (%s): this gateway serves no batches", directory, exc)
             return
-        await self.store.open()
         known = await self.store.file_ids()
         await asyncio.to_thread(self.storage.sweep, known)
         await self.executor.start()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     async def stop(self) -> None:
         if self._lock is None:
             return
         await self.executor.stop()
         await self.store.close()
-        self._lock.close()
+        self._release()
 
     # -- files ------------------------------------------------------------------------------------------------
 

@@ -190,3 +190,20 @@ async def test_a_second_gateway_on_the_same_batch_dir_serves_no_batches(tmp_path
         await second.batches(owner, ListPage(10, None))
     await second.stop()
     await first.stop()
+
+
+async def test_a_batch_dir_that_cannot_be_written_leaves_the_gateway_up_without_batches(tmp_path: Path) -> None:
+    """A read-only root file system (the image run with --read-only) must not stop the gateway from starting."""
+    (tmp_path / "a-file").write_bytes(b"")
+    settings = BatchSettings(dir=tmp_path / "a-file" / "batch")
+    store, storage = BatchStore(settings.dir / "batches.sqlite3"), FileStorage(settings.dir)
+    executor = BatchExecutor(
+        store, storage, settings, cast(Any, None), "http://127.0.0.1:1", Delegation(b"s"), GatewayMetrics(), 1024
+    )
+    service = BatchService(settings, store, storage, executor, lambda endpoint, model: None, 1024)
+    await service.start()
+    owner = KeyChecker(load_settings(keys=[{"key": "sk-a"}])).identify(b"Bearer sk-a")
+    assert owner is not None
+    with pytest.raises(ServiceUnavailable, match=r"cannot write its batch\.dir"):
+        await service.batches(owner, ListPage(10, None))
+    await service.stop()
