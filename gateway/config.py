@@ -151,6 +151,9 @@ class PoolScheduling(BaseModel):
     # Slots per replica that flex work leaves free, so an interactive request arriving during a bulk job starts
     # at once rather than after a bulk request ends (nothing is preempted on a replica).
     flex_reserve: int = Field(1, ge=0, le=100_000)
+    # Seconds without an interactive request after which flex work may take the reserve too (a batch alone then
+    # fills the pool); the first interactive request after the lull may wait for one flex request to finish.
+    flex_reserve_idle: float = Field(30.0, gt=0, le=365 * 86400)
     probe_interval: float = Field(0.5, gt=0, le=60)  # how often a binding replica's engine queue is read
     # Requests each engine may hold waiting beyond its batch: one replaces a finished sequence without a round
     # trip to the gateway, but a newcomer then waits behind it in the engine's own queue (measured: light TTFT

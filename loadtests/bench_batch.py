@@ -1,15 +1,16 @@
 """The Batch API on a real vLLM CPU replica (`--max-num-seqs 4`), side by side in one run:
 
-  capacity     `--workers` closed-loop clients send the batch's own requests online: the pool's idle capacity
-               (tokens/s, prompt + output, from the usage reports)
-  batch        the same requests as one batch, alone: its tokens/s from create to completed (goal >= 0.8x)
+  batch        one batch alone on the idle pool: its tokens/s (prompt + output, from the output file's usage
+               reports) from create to completed (goal >= 0.8x the capacity)
+  capacity     `--workers` closed-loop clients send the same requests online: the pool's idle capacity
   alone        interactive streamed chats, one every 0.5 s, nothing else running: p50/p99 time to first token
   with batch   the same while a large batch runs (cancelled afterwards): p99 goal <= 1.1x alone
 
 and, with `--store`, what one durable line costs: a result committed through the batch store (SQLite, WAL,
 synchronous=FULL: the executor's path) against a JSONL append + fsync per line (the log we would write ourselves).
 
-    .venv/bin/python loadtests/bench_batch.py [--seconds 20] [--lines 96] [--store]
+    .venv/bin/python loadtests/bench_batch.py [--seconds 20] [--lines 96] [--max-num-seqs 4] [--flex-reserve 1]
+        [--store]
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loadtests.bench_fairness import MODEL, chat, one, p, small_batch_replica  # noqa: E402
+from loadtests.bench_fairness import MODEL, chat, p, small_batch_replica  # noqa: E402
 from tests.harness.processes import free_port, gateway_process  # noqa: E402
 
 KEY = "sk-bench"
@@ -53,6 +54,8 @@ async def capacity(http: httpx.AsyncClient, workers: int, seconds: float) -> flo
         while time.perf_counter() < until:
             n += 1
             reply = await http.post("/v1/chat/completions", json=line_body(w * 10_000 + n))
+            if reply.status_code != 200:
+                sys.exit(f"capacity: {reply.status_code} {reply.text[:300]}")
             usage = reply.json()["usage"]
             tokens += usage["prompt_tokens"] + usage["completion_tokens"]
 
@@ -95,28 +98,54 @@ async def batch_alone(http: httpx.AsyncClient, lines: int) -> float:
     return tokens / seconds
 
 
-async def interactive(http: httpx.AsyncClient, seconds: float) -> list[float]:
+async def interactive(http: httpx.AsyncClient, seconds: float) -> tuple[list[float], list[str]]:
+    """Time to first token of each streamed chat, and what went wrong with those that got none."""
     until = time.perf_counter() + seconds
+    failures: list[str] = []
+
+    async def chat_once(n: int) -> float | None:
+        started = time.perf_counter()
+        body = {**chat(f"Say hello, number {n}.", 8), "ignore_eos": True}
+        try:
+            async with http.stream("POST", "/v1/chat/completions", json=body) as reply:
+                if reply.status_code != 200:
+                    failures.append(f"{reply.status_code} {(await reply.aread())[:200]!r}")
+                    return None
+                async for chunk in reply.aiter_bytes():
+                    if b'"content"' in chunk:
+                        return time.perf_counter() - started
+        except httpx.HTTPError as exc:
+            failures.append(type(exc).__name__)
+            return None
+        failures.append("no content")
+        return None
+
     tasks = []
     n = 0
     while time.perf_counter() < until:
         n += 1
-        tasks.append(asyncio.create_task(one(http, KEY, chat(f"Say hello, number {n}.", 8))))
+        tasks.append(asyncio.create_task(chat_once(n)))
         await asyncio.sleep(0.5)
-    return [r.ttft for r in await asyncio.gather(*tasks) if r.ok and r.ttft is not None]
+    return [t for t in await asyncio.gather(*tasks) if t is not None], failures
 
 
 async def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {KEY}"}
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as http:
-        await capacity(http, args.workers, 3)  # warm-up: the limit grows to the engine's batch
-        found: dict[str, Any] = {"capacity": await capacity(http, args.workers, args.seconds)}
-        found["batch"] = await batch_alone(http, args.lines)
-        found["alone"] = await interactive(http, args.seconds)
+        # The gateway may start before the replica's first health check passes (no request is sent meanwhile:
+        # the batch below runs with no interactive work about, as a batch alone on an idle pool would).
+        for _ in range(120):
+            if (await http.get("/health/ready")).status_code == 200:
+                break
+            await asyncio.sleep(0.5)
+        await batch_alone(http, args.lines // 4)  # warm-up: the limit grows to the engine's batch
+        found: dict[str, Any] = {"batch": await batch_alone(http, args.lines)}
+        found["capacity"] = await capacity(http, args.workers, args.seconds)
+        found["alone"], found["alone_failed"] = await interactive(http, args.seconds)
         running = await submit(http, 5000, first=100_000)
         await until(http, running, lambda b: b["request_counts"]["completed"] >= 4)
-        found["with_batch"] = await interactive(http, args.seconds)
+        found["with_batch"], found["with_batch_failed"] = await interactive(http, args.seconds)
         await http.post(f"/v1/batches/{running}/cancel")
     return found
 
@@ -166,9 +195,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--lines", type=int, default=96)
-    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--workers", type=int, help="online clients measuring capacity; default 2x the batch")
+    parser.add_argument("--max-num-seqs", type=int, default=4, help="the replica's batch")
+    parser.add_argument("--flex-reserve", type=int, default=1, help="slots per replica flex work leaves free")
     parser.add_argument("--store", action="store_true", help="also measure the cost of one durable line")
     args = parser.parse_args()
+    args.workers = args.workers or 2 * args.max_num_seqs
     if args.store:
         sqlite_rate, log_rate = store_costs(2000)
         print("| durable line, 2,000 in a row | lines/s |\n|---|---|")
@@ -176,10 +208,10 @@ def main() -> None:
         print(f"| JSONL append + fsync | {log_rate:,.0f} |\n")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        replica, replica_url = small_batch_replica(workdir, 4)
+        replica, replica_url = small_batch_replica(workdir, args.max_num_seqs)
         gateway_port = free_port()
         config = {
-            "models": [{"name": MODEL, "upstreams": [replica_url]}],
+            "models": [{"name": MODEL, "upstreams": [replica_url], "scheduling": {"flex_reserve": args.flex_reserve}}],
             "keys": [{"key": KEY, "namespace": "bench"}],
             "embeddings": {"enabled": False},
             "batch": {"dir": str(workdir / "batch")},
@@ -198,6 +230,7 @@ def main() -> None:
             gateway.stop()
             replica.stop()
     alone, loaded = found["alone"], found["with_batch"]
+    print(f"replica --max-num-seqs {args.max_num_seqs}, flex_reserve {args.flex_reserve}\n")
     print("| figure | value | goal |\n|---|---|---|")
     print(f"| pool capacity, {args.workers} online clients (tokens/s) | {found['capacity']:.0f} | |")
     print(f"| one batch of {args.lines} lines alone (tokens/s) | {found['batch']:.0f} | |")
@@ -207,6 +240,8 @@ def main() -> None:
         print(f"| interactive TTFT p{q * 100:.0f} alone / with a batch (ms) | {ms} | |")
     print(f"| p99 with a batch / alone | {p(loaded, 0.99) / p(alone, 0.99):.2f}x | <= 1.1x |")
     print(f"| interactive requests measured alone / with a batch | {len(alone)} / {len(loaded)} | |")
+    for failure in found["alone_failed"] + found["with_batch_failed"]:
+        print(f"failed: {failure}")
 
 
 if __name__ == "__main__":

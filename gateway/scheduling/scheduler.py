@@ -7,8 +7,11 @@ backlogged tenant with the smallest virtual token counter (gateway/scheduling/fa
 goes to the replica its `place` callback names among those with room — the pool's affinity order, so a
 conversation still lands where its cache is when that replica has room.
 
-Flex work never takes a replica's last `flex_reserve` slots: requests are not preempted once on a replica, so
-without that reserve an interactive request arriving during a bulk job would wait for a bulk one to finish.
+Flex work never takes a replica's last `flex_reserve` slots while interactive work is about: requests are not
+preempted once on a replica, so without that reserve an interactive request arriving during a bulk job would wait
+for a bulk one to finish. After `reserve_idle` seconds without an interactive request the reserve goes to flex too
+(a batch alone gets the whole pool); the first interactive request after such a lull may wait for one bulk request
+to finish, and from its arrival on the reserve holds again.
 
 Dispatch runs synchronously whenever something changes (a request arrives, a slot is released, a limit grows, a
 replica comes back), so no task owns the queue and no wake-up is lost. The queue is bounded in requests and in the
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -134,9 +138,12 @@ class Scheduler(Generic[R]):
         *,
         enabled: bool = True,
         flex_reserve: int = 0,
+        reserve_idle: float = math.inf,
     ) -> None:
         self.members = members
         self.flex_reserve = flex_reserve
+        self.reserve_idle = reserve_idle
+        self._interactive_at = -math.inf  # when an interactive request last arrived
         self.bounds = bounds
         self.counters = counters
         self.metrics = metrics
@@ -158,8 +165,10 @@ class Scheduler(Generic[R]):
         """Flex work leaves `flex_reserve` of the slots the engine runs free (and no request waiting in it; a
         limit of one stays usable): a request of a higher band that arrives then starts at once instead of waiting
         for a flex request to finish."""
+        now = time.monotonic()
+        reserve = self.flex_reserve if now - self._interactive_at < self.reserve_idle else 0
         running = member.limit.running_share
-        return member.granted < max(1, running - self.flex_reserve) and member.available(time.monotonic())
+        return member.granted < max(1, running - reserve) and member.available(now)
 
     def _room_for(self, band: Band) -> Callable[[R], bool]:
         return self.flex_room if band is Band.FLEX else self.room
@@ -244,6 +253,8 @@ class Scheduler(Generic[R]):
     # -- bookkeeping ------------------------------------------------------------------------------------------
 
     def _arrive(self, ticket: Ticket[R]) -> None:
+        if ticket.band is not Band.FLEX:
+            self._interactive_at = time.monotonic()
         if not self._backlog.get(ticket.tenant):
             self.counters.lift(ticket.tenant, self._backlog)
 

@@ -374,4 +374,5 @@ def _scheduler(replica_set: ReplicaSet, pool: ModelPool, metrics: GatewayMetrics
         queue_metrics,
         enabled=scheduling.enabled,
         flex_reserve=scheduling.flex_reserve,
+        reserve_idle=scheduling.flex_reserve_idle,
     )

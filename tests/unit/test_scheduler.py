@@ -330,6 +330,7 @@ async def test_flex_leaves_its_reserve_for_interactive_arrivals() -> None:
     members = [_member(4)]
     scheduler = _scheduler(members)
     scheduler.flex_reserve = 1
+    (await scheduler.acquire(_ticket(members, "chat"))).release()  # interactive work is about
     bulk = [await scheduler.acquire(_ticket(members, "bulk", Band.FLEX)) for _ in range(3)]
     fourth = asyncio.create_task(scheduler.acquire(_ticket(members, "bulk", Band.FLEX)))
     await _settle()
@@ -376,3 +377,26 @@ async def test_no_weight_lets_a_band_pass_a_higher_one() -> None:
     grant.release()
     for task in heavy:
         (await task).release()
+
+
+async def test_after_a_lull_in_interactive_work_flex_takes_the_reserve_too() -> None:
+    members = [_member(4)]
+    scheduler = _scheduler(members)
+    scheduler.flex_reserve, scheduler.reserve_idle = 1, 30.0
+    alone = [await scheduler.acquire(_ticket(members, "bulk", Band.FLEX)) for _ in range(4)]
+    assert members[0].granted == 4, "no interactive request yet: a batch alone fills the replica"
+    chat = asyncio.create_task(scheduler.acquire(_ticket(members, "chat")))
+    await _settle()
+    assert not chat.done(), "the first one after the lull waits for a bulk request to finish"
+    alone[0].release()
+    (await chat).release()
+    more = asyncio.create_task(scheduler.acquire(_ticket(members, "bulk", Band.FLEX)))
+    await _settle()
+    assert not more.done() and members[0].granted == 3, "from its arrival on, the reserve holds again"
+
+    scheduler._interactive_at -= 31.0  # the lull: 31 s without an interactive request
+    scheduler.dispatch()  # what the next change (a release, an arrival) runs
+    assert (await more).replica is members[0], "after reserve_idle without interactive work, flex takes it"
+    (await more).release()
+    for grant in alone[1:]:
+        grant.release()
