@@ -142,8 +142,14 @@ class BatchExecutor:
         in_flight: set[asyncio.Task[None]] = set()
         lines = read_lines(self.storage.path(row["input_file_id"]), row["endpoint"], self.max_line_bytes, done)
 
+        reading: list[asyncio.Future[Line | None]] = []  # the read in a thread now, if any
+
         async def feed() -> None:
-            while (line := await asyncio.to_thread(_next, lines)) is not None:
+            while True:
+                reading[:] = [asyncio.ensure_future(asyncio.to_thread(_next, lines))]
+                line = await asyncio.shield(reading[0])  # a cancel leaves the read to finish in its thread
+                if line is None:
+                    break
                 await slots.acquire()
                 task = asyncio.create_task(self._line(running, line, slots, pending))
                 in_flight.add(task)
@@ -164,6 +170,8 @@ class BatchExecutor:
             for task in (feeder, cancel, *in_flight):
                 task.cancel()  # a line's connection closes: the gateway sees its client leave, vLLM aborts it
             await asyncio.gather(feeder, *in_flight, return_exceptions=True)
+            # A cancelled feeder may leave its read running in the thread; the file closes once that read is over.
+            await asyncio.gather(*reading, return_exceptions=True)
             await asyncio.to_thread(lines.close)
             pending.dec(running.left)
 

@@ -126,16 +126,30 @@ async def _light_under_flood(http: httpx.AsyncClient, base: str, replica_url: st
 
 async def _flex_after_default(gateway: RunningGateway) -> None:
     """On a gateway that lets the replica hold one request at a time (so dispatch order is first-token order): a
-    flex request queued behind default work, then a burst of default requests, starts after all of them."""
+    flex request queued behind default work, then a burst of default requests, starts after all of them.
+
+    The one slot is held by a long stream this test ends itself (hanging up frees the slot), so everything is
+    queued, as the gateway's gauges show, before anything else can start: however fast or slow this machine."""
     async with httpx.AsyncClient(base_url=gateway.base_url, timeout=300) as http:
-        fill = [Sent("default", time.monotonic()) for _ in range(3)]
-        running = [asyncio.create_task(_stream(http, "sk-flood", _chat("fill", 128), r)) for r in fill]
-        await _until_queued(http, "default", 2)  # one runs, two wait: the flex request cannot start now
+        hold = Sent("hold", time.monotonic())
+        holder = asyncio.create_task(_stream(http, "sk-flood", _chat("hold the slot", 4000), hold))
+
+        async def holding() -> bool:
+            return bool(hold.first_token)
+
+        assert await eventually(holding, 60), "the holding stream never started"
+        fill = [Sent("default", time.monotonic())]
+        running = [asyncio.create_task(_stream(http, "sk-flood", _chat("fill", 16), fill[0]))]
+        await _until_queued(http, "default", 1)
         bulk = Sent("bulk", time.monotonic())
         running.append(asyncio.create_task(_stream(http, "sk-bulk", _chat("bulk", 4), bulk)))
         await _until_queued(http, "flex", 1)
         burst = [Sent("default", time.monotonic()) for _ in range(8)]
         running += [asyncio.create_task(_stream(http, "sk-light", _chat("burst", 4), r)) for r in burst]
+        await _until_queued(http, "default", 1 + len(burst))
+        assert await _queued(http, "flex") == 1 and not holder.done(), "all of it waits behind the held slot"
+        holder.cancel()  # the client hangs up: the gateway aborts the stream and frees the slot
+        await asyncio.gather(holder, return_exceptions=True)
         await asyncio.gather(*running)
     assert bulk.status == 200 and all(r.status == 200 for r in fill + burst)
     later = [r for r in fill + burst if r.first_token > bulk.first_token]
