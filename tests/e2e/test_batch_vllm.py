@@ -23,8 +23,8 @@ from tests.support import RunningGateway, eventually, png_data_url, run_gateway_
 CHAT = "/v1/chat/completions"
 KEYS = [{"key": "sk-batch", "namespace": "team-batch"}, {"key": "sk-live", "namespace": "team-live"}]
 CONCURRENCY = 6  # lines in flight: with one slot on the replica, five wait in the flex band
-TOKENS = 48  # per line: the batch runs for a while (~0.3 s a line here, one at a time)
-TEXT_LINES = 40
+TOKENS = 160  # per line: each holds the one slot long enough (~0.5 s here) for all three chats to arrive
+TEXT_LINES = 24
 
 
 def _line(custom_id: str, content: Any, tokens: int = TOKENS, **body: Any) -> dict[str, Any]:
@@ -77,6 +77,7 @@ async def _interactive_goes_first(gateway: RunningGateway) -> None:
     most one line per chat that had not yet arrived can start before the chats are done; first-come-first-served
     would start the five waiting lines first."""
     live = _sdk(gateway, "sk-live")
+    await live.models.list()  # the SDK's first call sets up its client: the chats below then leave together
 
     def metric(name: str, band: str) -> float:
         return gateway.metric(name, {"band": band})
