@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -205,20 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command == "index":
-        try:
-            _run_index(args)
-        except (ValueError, OSError, tarfile.TarError) as exc:
-            print(f"gateway index {args.action}: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
-        return
-    if args.command == "batch":
+    if args.command in ("index", "batch"):
         from gateway.clients.batch_submit import SubmitFailed
 
+        # Each tool's expected failures (bad input, the file system, the gateway's refusals) are one line.
+        clients: dict[str, tuple[Callable[[argparse.Namespace], None], tuple[type[Exception], ...]]] = {
+            "index": (_run_index, (ValueError, OSError, tarfile.TarError)),
+            "batch": (_run_batch, (SubmitFailed, OSError, httpx.HTTPError)),
+        }
+        run, expected = clients[args.command]
         try:
-            _run_batch(args)
-        except (SubmitFailed, OSError, httpx.HTTPError) as exc:
-            print(f"gateway batch {args.action}: {exc}", file=sys.stderr)
+            run(args)
+        except expected as exc:
+            print(f"gateway {args.command} {args.action}: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
         return
     if args.command == "serve":

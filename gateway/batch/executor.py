@@ -230,11 +230,13 @@ class BatchExecutor:
     # -- the end ----------------------------------------------------------------------------------------------
 
     async def _finalise(self, row: dict[str, Any], outcome: str) -> None:
+        """Write the output and error files and move the batch to `outcome` (completed, cancelled or expired)."""
         output_id, error_id = derived_file_ids(row["id"])
-        expired = outcome == "expired"
         input_path = self.storage.path(row["input_file_id"])
+        unfinished = 0  # lines an expiry left without a result, written to the error file as expired
 
         def write(results: Iterator[tuple[int, bool, bytes]]) -> dict[str, Any]:
+            nonlocal unfinished
             done: set[int] = set()
             failed: list[bytes] = []
 
@@ -247,32 +249,25 @@ class BatchExecutor:
                         failed.append(record)  # error records are small: no response body beyond an error
 
             now = int(time.time())
-            written: dict[str, Any] = {"unfinished": 0}
             size = self.storage.write_lines(output_id, succeeded())
-            written["output"] = _file_row(output_id, row, size, now)
-            if expired:
-                unfinished = [
+            written: dict[str, Any] = {"output": _file_row(output_id, row, size, now)}
+            if outcome == "expired":
+                expired = [
                     error_record(line.custom_id, "batch_expired", "The batch expired before this request ran.")
                     for line in read_lines(input_path, row["endpoint"], self.max_line_bytes, done)
                 ]
-                written["unfinished"] = len(unfinished)
-                failed += unfinished
+                unfinished = len(expired)
+                failed += expired
             if failed:
                 size = self.storage.write_lines(error_id, failed)
                 written["error"] = _file_row(error_id, row, size, now)
+            written["unfinished"] = unfinished
             return written
 
-        status, when = {
-            "completed": ("completed", "completed_at"),
-            "cancelled": ("cancelled", "cancelled_at"),
-            "expired": ("expired", "expired_at"),
-        }[outcome]
-        final = await self.store.finish(row["id"], status, when, write)
-        if expired:
-            self.metrics.of(self.metrics.batch_lines, row["model"], "expired").inc(
-                final["failed"] - row.get("failed", 0)
-            )
-        log.info("batch %s %s: %d completed, %d failed", row["id"], status, final["completed"], final["failed"])
+        final = await self.store.finish(row["id"], outcome, f"{outcome}_at", write)
+        if unfinished:
+            self.metrics.of(self.metrics.batch_lines, row["model"], "expired").inc(unfinished)
+        log.info("batch %s %s: %d completed, %d failed", row["id"], outcome, final["completed"], final["failed"])
 
 
 def _next(lines: Generator[Line, None, None]) -> Line | None:

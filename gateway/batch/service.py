@@ -9,7 +9,6 @@ import fcntl
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
@@ -251,7 +250,7 @@ def _printable(name: str) -> str:
     return "".join(c for c in name if c.isprintable() and c not in "/\\")
 
 
-def models_check(chat_models: Callable[[], set[str]], embeddings_model: str | None) -> ModelCheck:
+def models_check(chat_models: frozenset[str], embeddings_model: str | None) -> ModelCheck:
     """What a batch may name: a model this gateway serves on that endpoint (an empty set: any, the tier that
     receives the lines checks them as it would online)."""
 
@@ -260,8 +259,7 @@ def models_check(chat_models: Callable[[], set[str]], embeddings_model: str | No
             if embeddings_model is not None and model != embeddings_model:
                 return f"model {model[:100]!r} is not served on /v1/embeddings."
             return None
-        served = chat_models()
-        if served and model not in served:
+        if chat_models and model not in chat_models:
             return f"model {model[:100]!r} is not served here."
         return None
 

@@ -10,6 +10,7 @@ once. SQLite calls block, so every call runs on the store's own thread, off the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -220,9 +221,7 @@ class BatchStore:
         values = {"status": status, **fields}
         if when is not None:
             values[when] = int(time.time())
-        for name in JSON_COLUMNS:
-            if name in values and values[name] is not None:
-                values[name] = orjson.dumps(values[name]).decode()
+        values = _encoded(values)
         assignments = ", ".join(f"{name}=?" for name in values)
         marks = ", ".join("?" for _ in only_from)
 
@@ -241,8 +240,7 @@ class BatchStore:
         """Commit one line's result (durable when this returns); False if the line already had one."""
 
         def recording(db: sqlite3.Connection) -> bool:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(db):
                 inserted = db.execute(
                     "INSERT OR IGNORE INTO results (batch_id, line, ok, record) VALUES (?, ?, ?, ?)",
                     (batch_id, line, int(ok), record),
@@ -250,10 +248,6 @@ class BatchStore:
                 if inserted:
                     column = "completed" if ok else "failed"
                     db.execute(f"UPDATE batches SET {column}={column}+1 WHERE id=?", (batch_id,))  # noqa: S608
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
             return inserted > 0
 
         return await self._run(recording)
@@ -273,8 +267,7 @@ class BatchStore:
             rows = db.execute("SELECT line, ok, record FROM results WHERE batch_id=? ORDER BY line", (batch_id,))
             written = write_outputs((row["line"], bool(row["ok"]), row["record"]) for row in rows)
             output, errors = written.get("output"), written.get("error")
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(db):
                 for file in (output, errors):
                     if file is not None:
                         db.execute("DELETE FROM files WHERE id=?", (file["id"],))
@@ -292,10 +285,6 @@ class BatchStore:
                     ),
                 )
                 db.execute("DELETE FROM results WHERE batch_id=?", (batch_id,))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
             found = _one(db, "SELECT * FROM batches WHERE id=?", batch_id)
             assert found is not None
             return found
@@ -303,8 +292,25 @@ class BatchStore:
         return await self._run(finishing)
 
 
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction, taken at once (no upgrade from a read lock), committed or rolled back whole."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _encoded(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with its JSON columns as JSON text, as they are stored."""
+    return {k: (orjson.dumps(v).decode() if k in JSON_COLUMNS and v is not None else v) for k, v in row.items()}
+
+
 def _insert(db: sqlite3.Connection, table: str, row: dict[str, Any]) -> None:
-    values = {k: (orjson.dumps(v).decode() if k in JSON_COLUMNS and v is not None else v) for k, v in row.items()}
+    values = _encoded(row)
     columns = ", ".join(values)
     marks = ", ".join("?" for _ in values)
     db.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", list(values.values()))  # noqa: S608

@@ -129,9 +129,9 @@ def _batch_service(
         metrics,
         settings.max_body_bytes,
     )
-    served = {pool.name for pool in settings.models} | {a.name for p in settings.models for a in p.lora_modules}
+    served = frozenset(name for pool in settings.models for name in (pool.name, *(a.name for a in pool.lora_modules)))
     embeddings = settings.embeddings.model_name() if settings.embeddings.enabled else None
-    check = models_check(lambda: served, embeddings)
+    check = models_check(served, embeddings)
     return BatchService(batch, store, storage, executor, check, settings.max_body_bytes)
 
 

@@ -209,6 +209,7 @@ async def test_expiry_reports_the_finished_lines_and_the_rest_as_expired(
         assert len(output) == counts.completed
         assert {e["error"]["code"] for e in errors} == {"batch_expired"}
         assert sorted(r["custom_id"] for r in output + errors) == sorted(f"r{n}" for n in range(30))
+        assert gateway.metric("gateway_batch_lines_total", {"outcome": "expired"}) == len(errors)
 
 
 async def test_kill_9_mid_batch_then_restart_completes_with_each_custom_id_once(
