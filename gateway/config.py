@@ -20,7 +20,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from gateway.qwen import QWEN_PLACEHOLDER_IDS, QWEN_RESERVED_TOKENS
+from gateway.qwen import QWEN_PLACEHOLDER_IDS, QWEN_RESERVED_TOKENS, added_vocabulary
 
 Modality = Literal["image", "video"]
 
@@ -169,6 +169,9 @@ class ModelPool(BaseModel):
         default_factory=lambda: list(QWEN_RESERVED_TOKENS), max_length=1024
     )
     reserved_token_ids: list[int] = Field(default_factory=lambda: list(QWEN_PLACEHOLDER_IDS), max_length=1024)
+    # The served checkpoint's tokenizer (its directory or tokenizer.json, as the gateway sees it): every added
+    # token joins reserved_tokens, and the media placeholders' ids join reserved_token_ids.
+    tokenizer: str | None = Field(None, min_length=1, max_length=4096)
     # Routing (gateway/upstream/routing.py): "affinity" sends each conversation to the replica whose caches hold
     # it, within (1 + affinity_epsilon) x the mean load; "least_outstanding" ignores caches.
     routing: Literal["affinity", "least_outstanding"] = "affinity"
@@ -215,6 +218,14 @@ class ModelPool(BaseModel):
     def _some_replicas(self) -> ModelPool:
         if not self.upstreams and self.discover is None:
             raise ValueError(f"model pool '{self.name}' needs upstreams, discover, or both")
+        return self
+
+    @model_validator(mode="after")
+    def _tokenizers_own_tokens(self) -> ModelPool:
+        if self.tokenizer is not None:
+            tokens, ids = added_vocabulary(self.tokenizer)
+            self.reserved_tokens = list(dict.fromkeys([*self.reserved_tokens, *tokens]))
+            self.reserved_token_ids = list(dict.fromkeys([*self.reserved_token_ids, *ids]))
         return self
 
     @field_validator("limit_mm_per_prompt")

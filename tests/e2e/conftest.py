@@ -151,9 +151,15 @@ def lora_dir() -> Path:
     return _stack_paths()[2]
 
 
+def checkpoint_dir() -> Path:
+    """The tiny checkpoint (its tokenizer gives a pool its reserved tokens and the checkpoint's own placeholder ids,
+    which differ from real Qwen2.5-VL's defaults)."""
+    return _stack_paths()[1]
+
+
 def placeholder_ids() -> list[int]:
-    """The tiny checkpoint's own media placeholder ids (real Qwen2.5-VL's are the gateway's defaults)."""
-    config = json.loads((_stack_paths()[1] / "config.json").read_text())
+    """The tiny checkpoint's media placeholder ids, as its config names them (what the tokenizer must give)."""
+    config = json.loads((checkpoint_dir() / "config.json").read_text())
     names = ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id")
     return [config[name] for name in names]
 
@@ -165,7 +171,7 @@ def gateway_args(tmp_path: Path, replicas: list[Replica], **pool: object) -> lis
             "upstreams": [r.url for r in replicas],
             "limit_mm_per_prompt": VLLM_LIMITS,
             "max_model_len": MAX_MODEL_LEN,
-            "reserved_token_ids": placeholder_ids(),
+            "tokenizer": str(checkpoint_dir()),
             **pool,
         }
     ]

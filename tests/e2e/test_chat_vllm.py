@@ -11,7 +11,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.e2e.conftest import API_KEY, MODEL, Replica, wait_for
+from tests.e2e.conftest import API_KEY, MODEL, Replica, placeholder_ids, wait_for
 from tests.support import RunningGateway
 
 
@@ -96,6 +96,11 @@ def test_text_completions_route(gateway: RunningGateway) -> None:
     )
     assert reply.usage is not None and reply.usage.completion_tokens == 5
     assert isinstance(reply.choices[0].text, str)
+    # The pool reads this checkpoint's tokenizer: its own placeholder ids (not real Qwen2.5-VL's) never reach vLLM
+    for prompt in ([11, placeholder_ids()[2], 12], "a <|im_start|>system turn"):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client(gateway).completions.create(model=MODEL, prompt=prompt, max_tokens=2)  # type: ignore[arg-type]
+        assert refused.value.code == "reserved_token"
 
 
 def test_models_lists_capabilities(gateway: RunningGateway) -> None:

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import MAX_MODEL_LEN, MODEL, VLLM_LIMITS, Replica, placeholder_ids
+from tests.e2e.conftest import MAX_MODEL_LEN, MODEL, VLLM_LIMITS, Replica, checkpoint_dir
 from tests.media_server import png_bytes
 from tests.support import RunningGateway, run_gateway, write_config
 
@@ -44,7 +44,7 @@ def _models(replicas: list[Replica]) -> list[dict[str, Any]]:
             "upstreams": [r.url for r in replicas],
             "limit_mm_per_prompt": VLLM_LIMITS,
             "max_model_len": MAX_MODEL_LEN,
-            "reserved_token_ids": placeholder_ids(),
+            "tokenizer": str(checkpoint_dir()),
         }
     ]
 

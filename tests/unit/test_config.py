@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,54 @@ def test_a_missing_optional_extra_is_one_line_naming_the_extra(monkeypatch: pyte
     assert missing_extra(load_settings()) is None, "FAISS needs nothing more"
     proxy = load_settings(role="proxy", retrieval_url="http://r:8080", search={"backend": "milvus", "milvus_uri": "x"})
     assert missing_extra(proxy) is None, "a proxy runs no engine"
+
+
+def _tokenizer(folder: Path, added: list[dict[str, object]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps({"version": "1.0", "added_tokens": added}))
+    return folder
+
+
+def test_a_pools_tokenizer_completes_its_reserved_tokens_and_placeholder_ids(tmp_path: Path) -> None:
+    """Hardening round 3, class 5: a checkpoint's added tokens join the defaults (special or not, as Qwen2.5's
+    tool-call markers are not), its media placeholders' ids replace nothing and add their own; an added token that
+    is only whitespace is a spelling and stays allowed."""
+    added = [
+        {"id": 0, "content": "<|endoftext|>", "special": True},
+        {"id": 7, "content": "<|image_pad|>", "special": True},
+        {"id": 8, "content": "<|vision_start|>", "special": True},
+        {"id": 9, "content": "<|think|>", "special": False},
+        {"id": 10, "content": "    ", "special": False},
+    ]
+    folder = _tokenizer(tmp_path / "ckpt", added)
+    pool = {"name": "m", "upstreams": ["http://x"], "tokenizer": str(folder)}
+    settings = load_settings(_yaml(tmp_path, {"models": [pool]}))
+    reserved = settings.models[0].reserved_tokens
+    assert "<|think|>" in reserved and "<|fim_prefix|>" in reserved and "    " not in reserved
+    assert reserved.count("<|image_pad|>") == 1
+    assert {7, 8} <= set(settings.models[0].reserved_token_ids) and 151655 in settings.models[0].reserved_token_ids
+    just_the_file = {**pool, "tokenizer": str(folder / "tokenizer.json")}
+    assert load_settings(_yaml(tmp_path, {"models": [just_the_file]})).models[0].reserved_tokens == reserved
+
+
+@pytest.mark.parametrize(
+    ("contents", "says"),
+    [
+        (None, "cannot read"),
+        ("{not json", "cannot read"),
+        (json.dumps({"added_tokens": [{"content": "<x>"}]}), "cannot read"),
+        (json.dumps({"added_tokens": [{"id": 1, "content": "<" + "x" * 80 + ">"}]}), "longer than 64"),
+        (json.dumps({"added_tokens": [{"id": i, "content": f"<{i}>"} for i in range(1025)]}), "more than 1024"),
+    ],
+)
+def test_a_tokenizer_that_cannot_be_read_is_a_configuration_error(
+    tmp_path: Path, contents: str | None, says: str
+) -> None:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    if contents is not None:
+        (folder / "tokenizer.json").write_text(contents)
+    pool = {"name": "m", "upstreams": ["http://x"], "tokenizer": str(folder)}
+    with pytest.raises(ValidationError) as refused:
+        load_settings(_yaml(tmp_path, {"models": [pool]}))
+    assert says in str(refused.value)
