@@ -64,6 +64,7 @@ class FakeVllm:
     models: dict[str, str | None] = field(default_factory=lambda: {"m": None})
     stored: dict[str, bytes] = field(default_factory=dict)  # response id -> the response, as vLLM's store
     paths: list[str] = field(default_factory=list)  # method and path (with query) of every non-health request
+    credentials: list[str] = field(default_factory=list)  # Authorization and x-api-key values a request carried
     port: int = 0
     _runner: web.AppRunner | None = None
 
@@ -75,6 +76,7 @@ class FakeVllm:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._chat)
+        app.router.add_post("/v1/messages", self._chat)  # the stream's events are chat's: the gateway relays bytes
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/responses", self._responses)
@@ -195,6 +197,7 @@ class FakeVllm:
         self.bodies.append(body)
         self.request_ids.append(request.headers.get("X-Request-Id", ""))
         self.traceparents.append(request.headers.get("traceparent", ""))
+        self.credentials += [request.headers[h] for h in ("Authorization", "x-api-key") if h in request.headers]
         early = await self._before_answering(request)
         if early is not None:
             return early
