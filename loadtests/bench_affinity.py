@@ -7,7 +7,10 @@ at a time; every arm gets a fresh salt in its system prompt and fresh photos, so
 
 Arms, interleaved over `--rounds`:
   gateway-lo        this gateway, routing: least_outstanding
-  gateway-affinity  this gateway, routing: affinity (the default)
+  gateway-affinity  this gateway, routing: affinity (the default), with the fair-share scheduler (the default)
+  gateway-fcfs      the same without the scheduler (scheduling.enabled: false): affinity alone, every request
+                    passed straight on (what the scheduler's hit rate is held to; saturate the pool with
+                    `--max-num-seqs` below `--clients` so the scheduler has work to hold back)
   2-gateways        two gateway processes with affinity; each conversation alternates between them turn by turn
   router-cache      vllm-router --policy cache_aware (its default)
   router-rr         vllm-router --policy round_robin
@@ -140,7 +143,7 @@ def run_conversation(
 
 
 class Replicas:
-    def __init__(self, python: str, model_dir: Path, work: Path) -> None:
+    def __init__(self, python: str, model_dir: Path, work: Path, max_num_seqs: int | None) -> None:
         self.processes: list[ManagedProcess] = []
         self.urls: list[str] = []
         for name in ("a", "b"):
@@ -153,6 +156,7 @@ class Replicas:
                 log_path=work / f"vllm-{name}.log",
                 limit_mm_per_prompt={"image": 2, "video": 1},
                 max_model_len=8192,
+                max_num_seqs=max_num_seqs,
             )
             process.argv += ["--enable-prefix-caching"]
             self.processes.append(process)
@@ -184,9 +188,15 @@ class Front:
         self.processes: list[ManagedProcess] = []
         self.urls: list[str] = []
 
-    def _gateway(self, routing: str) -> None:
+    def _gateway(self, routing: str, scheduling: bool = True) -> None:
         config = self.work / f"{self.name}-{len(self.processes)}.yaml"
-        pool = {"name": MODEL, "upstreams": self.replicas.urls, "max_model_len": 8192, "routing": routing}
+        pool = {
+            "name": MODEL,
+            "upstreams": self.replicas.urls,
+            "max_model_len": 8192,
+            "routing": routing,
+            "scheduling": {"enabled": scheduling},
+        }
         config.write_text(yaml.safe_dump({"models": [pool], "embeddings": {"enabled": False}}))
         port = free_port()
         self.processes.append(
@@ -206,6 +216,8 @@ class Front:
             self._gateway("least_outstanding")
         elif self.name == "gateway-affinity":
             self._gateway("affinity")
+        elif self.name == "gateway-fcfs":
+            self._gateway("affinity", scheduling=False)
         elif self.name == "2-gateways":
             self._gateway("affinity")
             self._gateway("affinity")
@@ -228,7 +240,7 @@ class Front:
             process.stop()
 
 
-ARMS = ["gateway-lo", "gateway-affinity", "2-gateways", "router-cache", "router-rr", "oracle"]
+ARMS = ["gateway-lo", "gateway-affinity", "gateway-fcfs", "2-gateways", "router-cache", "router-rr", "oracle"]
 
 
 def measure(front: Front, conversations: list[Conversation], turns: int, clients: int) -> dict[str, float]:
@@ -269,11 +281,12 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--arms", nargs="*", default=ARMS)
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="each replica's batch (vLLM's default)")
     args = parser.parse_args()
     env = stack_env()
     model_dir = scaled_model(env["VLLM_PYTHON"], args.scale)
     work = Path(tempfile.mkdtemp(prefix="bench-affinity-"))
-    replicas = Replicas(env["VLLM_PYTHON"], model_dir, work)
+    replicas = Replicas(env["VLLM_PYTHON"], model_dir, work, args.max_num_seqs)
     print(f"starting two vLLM replicas on {model_dir.name} (logs in {work})", flush=True)
     replicas.start()
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
@@ -309,9 +322,18 @@ def main() -> None:
                 f"| {med('ttft_p50'):.0f} | {med('ttft_p99'):.0f} |"
             )
     oracle = statistics.median(r["prefix_hit"] for r in results[("even", "oracle")]) if "oracle" in args.arms else 0
-    if oracle:
+    if oracle and "gateway-affinity" in args.arms:
         affine = statistics.median(r["prefix_hit"] for r in results[("even", "gateway-affinity")])
         print(f"\ngateway-affinity prefix-cache hit rate / oracle's: {affine / oracle:.3f}")
+    if {"gateway-affinity", "gateway-fcfs"} <= set(args.arms):
+        for kind in ("even", "skewed"):
+            scheduled, alone = (
+                statistics.median(r["prefix_hit"] for r in results[(kind, arm)])
+                for arm in ("gateway-affinity", "gateway-fcfs")
+            )
+            print(
+                f"{kind}: prefix-cache hit rate, scheduler - affinity alone: {scheduled - alone:+.3f} (goal >= -0.02)"
+            )
 
 
 if __name__ == "__main__":
