@@ -243,3 +243,29 @@ async def test_a_client_that_hangs_up_while_queued_reaches_no_replica(
         assert fake_a.hits == 1, "the request that left was never sent"
         assert (await _post(gateway, CHAT)).status_code == 200 and fake_a.hits == 2
         assert gateway.metric("gateway_requests_total", {"status": "499"}) == 1
+
+
+async def test_a_replica_that_dies_while_work_waits_leaves_the_queue_to_the_others(
+    tmp_path: Path, log_dir: Path, fake_a: FakeVllm, fake_b: FakeVllm
+) -> None:
+    """CASES G3: two replicas of one slot each and six requests waiting at the gateway; one replica dies. The
+    request it was serving ends there (its stream had started, so it is not retried), every waiting request is
+    served by the other replica, and none reaches a replica twice."""
+    for fake in (fake_a, fake_b):
+        fake.behaviour = Behaviour(chunks=10, chunk_delay=0.1)  # each stream holds its slot ~1 s
+    one_slot = {"initial_limit": 1, "min_limit": 1, "max_limit": 1}
+    pool = {"upstreams": [fake_a.url, fake_b.url], "routing": "least_outstanding", "scheduling": one_slot}
+    args = _config(tmp_path, fake_a, {**pool, "queue_timeout": 60}, health_check_interval=1)
+    queued = {"model": "m", "band": "default"}
+    async with run_gateway_async(args, log_dir) as gateway:
+        work = [asyncio.create_task(_post(gateway, {**CHAT, "stream": True})) for _ in range(8)]
+        assert await eventually(lambda: fake_a.hits == 1 and fake_b.hits == 1, 5)
+        assert await eventually(lambda: gateway.metric("gateway_queue_requests", queued) == 6, 5)
+        await fake_a.stop()
+        responses = await asyncio.gather(*work)
+        assert [r.status_code for r in responses] == [200] * 8
+        whole = [r for r in responses if b"error" not in r.content and r.content.endswith(b"data: [DONE]\n\n")]
+        assert len(whole) >= 7, "every waiting request was served whole"
+        assert fake_a.hits == 1 and fake_b.hits == 7, "each request reached one replica once"
+        assert gateway.metric("gateway_queue_requests", queued) == 0
+        assert await eventually(lambda: gateway.metric("gateway_replica_healthy", {"model": "m"}) == 1, 5)
