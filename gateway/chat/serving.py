@@ -195,13 +195,14 @@ class CompletionsEndpoint:
             elif media or grounding is not None:
                 body = reserialise(data)
             prompt_tokens = estimated_prompt_tokens(request, visual_tokens)
-            budget_headers = await gateway.limiter.charge_tokens(
-                identity.key_id, prompt_tokens + (request.requested_tokens() or 256) * request.choice_count()
-            )
+            # The most it may generate: charged against the key's token budget and the tenant's fair share
+            output_tokens = (request.requested_tokens() or UNSTATED_MAX_TOKENS) * request.choice_count()
+            budget_headers = await gateway.limiter.charge_tokens(identity.key_id, prompt_tokens + output_tokens)
             send = with_headers(send, budget_headers + (grounding.headers() if grounding else []))
             make = placement.body_for
             payload = body if make is None else lambda replica, sent=body: make(sent, replica)
-            ticket = Ticket(namespace, identity.weight, band, prompt_tokens, len(body), _placer(replicas, key, only))
+            place = _placer(replicas, key, only)
+            ticket = Ticket(namespace, identity.weight, band, prompt_tokens, len(body), place, output_tokens)
             grant = await replicas.scheduler.acquire(ticket, lambda: _hung_up(receive), tracing)
             outcome = RelayOutcome(status=499)  # until the relay says otherwise: the client left before an answer
             try:
@@ -268,6 +269,9 @@ def _placer(
     ineligible = {r for r in replicas.replicas if not only(r)} if only is not None else set()
     return lambda room: replicas.pick(ineligible, key, room)[0]
 
+
+# What a request that states no max_tokens is taken to generate, for its budget and fair-share charge until it ends
+UNSTATED_MAX_TOKENS = 256
 
 OPERATIONS = {
     "/v1/chat/completions": "chat",

@@ -1,14 +1,17 @@
 """Virtual token counters: fairness between tenants counted in tokens served, not requests.
 
 The rule is the Virtual Token Counter of "Fairness in Serving Large Language Models" (Sheng et al., OSDI 2024): each
-tenant's counter grows by the tokens it is served (prompt tokens when a request is dispatched — text estimate plus
-visual tokens —, output tokens as they stream back), divided by its weight; the next request dispatched is the
-backlogged tenant's with the smallest counter. A tenant that becomes backlogged is first lifted to the smallest
-counter among backlogged tenants (or, with none, to the counter of the tenant that left the backlog last), so time
-spent idle banks no credit to spend in a burst later. A tenant whose backlog emptied less than `LIFT_GRACE`
-seconds before is not idle but between two requests (a client sending the next one as the last one ends): it
-keeps its counter, or each short gap would forfeit what it is owed (measured: 10:1 request sizes served 0.59 /
-0.41 with closed-loop clients on a loaded host, the short requests' tenant losing its credit at every gap).
+tenant's counter grows by the tokens it is served, divided by its weight; the next request dispatched is the
+backlogged tenant's with the smallest counter. A request is charged when it is dispatched — its prompt (text
+estimate plus visual tokens) and the most it may generate (its max_tokens) — and corrected to what it was served
+when it ends (gateway/scheduling/scheduler.py, Grant), the variant of VTC that charges a predicted length.
+
+A tenant that becomes backlogged is first lifted to the smallest counter among backlogged tenants (or, with none, to
+the counter of the tenant that left the backlog last), so time spent idle banks no credit to spend in a burst
+later. A tenant whose backlog emptied less than `LIFT_GRACE` seconds before is not idle but between two requests
+(a client sending the next one as the last one ends): it keeps its counter, or each short gap would forfeit what it
+is owed (measured: 10:1 request sizes served 0.59 / 0.41 with closed-loop clients on a loaded host, the short
+requests' tenant losing its credit at every gap).
 
 Tenants come from the configured keys only (a key's namespace, else the key itself), so the map is bounded.
 """
@@ -52,8 +55,11 @@ class TenantCounters:
         self._left_at[tenant] = time.monotonic() if now is None else now
 
     def charge(self, tenant: str, tokens: float, weight: float) -> None:
-        if tokens == 0:
-            return
-        self.counters[tenant] = self.counters.get(tenant, 0.0) + tokens / weight
+        """Move `tenant`'s counter by `tokens` / `weight` (negative: a reservation given back)."""
+        if tokens:
+            self.counters[tenant] = self.counters.get(tenant, 0.0) + tokens / weight
+
+    def served(self, tenant: str, tokens: float) -> None:
+        """Tokens a finished request of `tenant` was served (the metric, unweighted and never an estimate ahead)."""
         if self._served is not None and tokens > 0:
             self._served.labels(self._model, tenant).inc(tokens)

@@ -57,8 +57,9 @@ def _ticket(
     cost: float = 1.0,
     weight: float = 1.0,
     size: int = 10,
+    output: float = 0.0,
 ) -> Ticket[Member]:
-    return Ticket(tenant, weight, band, cost, size, _first_with_room(members))
+    return Ticket(tenant, weight, band, cost, size, _first_with_room(members), output)
 
 
 async def _settle() -> None:
@@ -148,6 +149,35 @@ async def test_output_tokens_count_against_the_tenant_as_they_stream() -> None:
     assert members[0].granted == 0
     grant.release(prompt_tokens=9, completion_tokens=10)  # the usage report corrects both estimates
     assert scheduler.counters.value("a") == 19.0 and members[0].granted == 0
+
+
+async def test_output_is_charged_as_reserved_when_dispatched_and_corrected_when_it_ends() -> None:
+    """Four slots free at once, two tenants waiting with equal counters: the tenant of long requests is charged
+    the 160 tokens its first one may generate as it goes, so the other three slots go to the short requests'
+    tenant. Charged only as tokens stream back, each long request would look as cheap as a short one until it had
+    run, and the long requests' tenant would take half the burst."""
+    members = [_member(4)]
+    scheduler = _scheduler(members)
+    holders = [await scheduler.acquire(_ticket(members, "x")) for _ in range(4)]
+    big = [asyncio.create_task(scheduler.acquire(_ticket(members, "big", output=160))) for _ in range(4)]
+    small = [asyncio.create_task(scheduler.acquire(_ticket(members, "small", output=16))) for _ in range(4)]
+    await _settle()
+    for holder in holders:
+        holder.release()
+    await _settle()
+    assert [t.done() for t in big] == [True, False, False, False] and all(t.done() for t in small[:3])
+    long_one = big[0].result()
+    assert scheduler.counters.value("big") == 161.0
+    long_one.charge_output(150)  # what streamed so far: within the reservation, nothing more is charged
+    assert scheduler.counters.value("big") == 161.0
+    long_one.release(prompt_tokens=5, completion_tokens=20)  # it stopped early: the unused reservation returns
+    await _settle()
+    assert big[1].done(), "at 25 tokens, below the short tenant's 51, the long tenant has the freed slot"
+    assert scheduler.counters.value("big") == 25.0 + 161.0
+    for task in small[:3]:
+        task.result().release()
+    for task in [*big[1:], small[3]]:
+        (await task).release()
 
 
 async def test_a_tenant_that_was_idle_banks_no_credit() -> None:
