@@ -91,6 +91,7 @@ class Result:
 class Tally:
     results: dict[str, list[Result]] = field(default_factory=dict)
     served: dict[str, float] = field(default_factory=dict)
+    waited: float = 0.0  # default-band requests that waited in the gateway's queue (scheduler arm)
     limits: list[tuple[float, float]] = field(default_factory=list)  # (replica limit, queued at the gateway)
 
     def add(self, who: str, result: Result) -> None:
@@ -174,6 +175,7 @@ async def phase(url: str, name: str, seconds: float, flood: int) -> Tally:
         tally.add("window", Result(ttft=seconds))
         after = await served(http)
         tally.served = {tenant: after.get(tenant, 0.0) - before.get(tenant, 0.0) for tenant in after}
+        tally.waited = after.get(WAITED, 0.0) - before.get(WAITED, 0.0)
     return tally
 
 
@@ -191,11 +193,17 @@ async def sample_scheduler(http: httpx.AsyncClient, stop: asyncio.Event, tally: 
         await asyncio.sleep(0.5)
 
 
+WAITED = "(default band waited)"
+
+
 async def served(http: httpx.AsyncClient) -> dict[str, float]:
-    """The gateway's own count of tokens served per tenant (what its fair share equalises)."""
+    """The gateway's own count of tokens served per tenant (what its fair share equalises), and under WAITED the
+    default-band requests that have waited in its queue."""
     exposition = (await http.get("/metrics")).text
     counts: dict[str, float] = {}
     for line in exposition.splitlines():
+        if line.startswith("gateway_queue_wait_seconds_count{") and 'band="default"' in line:
+            counts[WAITED] = counts.get(WAITED, 0.0) + float(line.rsplit(" ", 1)[1])
         if line.startswith("gateway_tenant_tokens_total{"):
             tenant = line.split('tenant="', 1)[1].split('"', 1)[0]
             counts[tenant] = counts.get(tenant, 0.0) + float(line.rsplit(" ", 1)[1])
@@ -365,6 +373,11 @@ def report(results: dict[tuple[str, str], Tally], args: argparse.Namespace) -> N
         "light TTFT p99 alone / under a flex flood (ms)",
         f"{p(base['fcfs'], 0.99) * 1000:.0f} / {p(flex['fcfs'], 0.99) * 1000:.0f}",
         f"{p(base['scheduler'], 0.99) * 1000:.0f} / {p(flex['scheduler'], 0.99) * 1000:.0f}",
+    )
+    row(
+        "light requests that waited in the gateway's queue under the flex flood",
+        "-",
+        f"{results[('scheduler', 'flex')].waited:.0f} of {len(light('scheduler', 'flex'))}",
     )
     row(
         "p99 under flex flood / alone",
