@@ -201,8 +201,8 @@ class CompletionsEndpoint:
             send = with_headers(send, budget_headers + (grounding.headers() if grounding else []))
             make = placement.body_for
             payload = body if make is None else lambda replica, sent=body: make(sent, replica)
-            place = _placer(replicas, key, only)
-            ticket = Ticket(namespace, identity.weight, band, prompt_tokens, len(body), place, output_tokens)
+            place, home = _routes(replicas, key, only)
+            ticket = Ticket(namespace, identity.weight, band, prompt_tokens, len(body), place, output_tokens, home)
             grant = await replicas.scheduler.acquire(ticket, lambda: _hung_up(receive), tracing)
             outcome = RelayOutcome(status=499)  # until the relay says otherwise: the client left before an answer
             try:
@@ -261,13 +261,13 @@ async def _hung_up(receive: Receive) -> None:
         pass
 
 
-def _placer(
+def _routes(
     replicas: ReplicaSet, key: bytes | None, only: Callable[[Replica], bool] | None
-) -> Callable[[Callable[[Replica], bool]], Replica | None]:
-    """Where the scheduler may send this request: the pool's routing (affinity order, bounded load) among the
-    replicas with room that may answer it."""
+) -> tuple[Callable[[Callable[[Replica], bool]], Replica | None], Callable[[], Replica | None]]:
+    """Where the scheduler may send this request — the pool's routing (affinity order, bounded load) among the
+    replicas with room that may answer it — and its home, the replica its caches are on."""
     ineligible = {r for r in replicas.replicas if not only(r)} if only is not None else set()
-    return lambda room: replicas.pick(ineligible, key, room)[0]
+    return (lambda room: replicas.pick(ineligible, key, room)[0]), (lambda: replicas.home(key, ineligible))
 
 
 # What a request that states no max_tokens is taken to generate, for its budget and fair-share charge until it ends

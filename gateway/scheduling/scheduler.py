@@ -27,7 +27,7 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -70,6 +70,7 @@ class Ticket(Generic[R]):
     size: int  # bytes it holds while it waits
     place: Place[R]  # the replica it would go to among those `room` admits, or None
     output: float = 0.0  # output tokens it may generate (its max_tokens), charged when dispatched; see Grant
+    home: Callable[[], R | None] | None = None  # the replica its caches are on (affinity), if it has one
     granted: asyncio.Future[R | None] | None = field(default=None, repr=False)
 
 
@@ -197,9 +198,9 @@ class Scheduler(Generic[R]):
             return Grant(None, ticket, None)
         self._arrive(ticket)
         if not self._waiting_from(ticket.band) and self._below_total():
-            replica = ticket.place(self._room_for(ticket.band))
-            if replica is not None:
-                return self._grant(ticket, replica)
+            placed = _placed((ticket,), self._room_for(ticket.band))
+            if placed is not None:
+                return self._grant(ticket, placed[1])
             if ticket.place(_any) is None:
                 return Grant(self, ticket, None)  # nothing is up at all: waiting would not help
         with tracing.span("gateway.queue", attributes={"gateway.queue.band": ticket.band.label}):
@@ -252,10 +253,9 @@ class Scheduler(Generic[R]):
                 continue
             room = self._room_for(band)
             for tenant in sorted(tenants, key=self.counters.value):
-                for ticket in itertools.islice(tenants[tenant], LOOKAHEAD):
-                    replica = ticket.place(room)
-                    if replica is not None:
-                        return ticket, replica
+                placed = _placed(itertools.islice(tenants[tenant], LOOKAHEAD), room)
+                if placed is not None:
+                    return placed
             return None  # strict bands: nothing lower runs while this band waits
         return None
 
@@ -360,3 +360,23 @@ class Scheduler(Generic[R]):
 
 def _any(_: object) -> bool:
     return True
+
+
+def _placed(waiting: Iterable[Ticket[R]], room: Callable[[R], bool]) -> tuple[Ticket[R], R] | None:
+    """Which of one tenant's waiting requests goes now, and where: the first whose home replica has room goes
+    there; else the first that fits anywhere, placed by the pool's routing (it spills from its home). Reordering a
+    tenant's own requests keeps the order between tenants. Taking the queue's head wherever a slot came free moved
+    conversations off their caches (bench_affinity.py, replicas of two slots: prefix-cache hits 0.04 below
+    affinity without the scheduler)."""
+    spill: tuple[Ticket[R], R] | None = None
+    for ticket in waiting:
+        home = ticket.home() if ticket.home is not None else None
+        if home is not None and room(home):
+            return ticket, home
+        if spill is None:
+            replica = ticket.place(room)
+            if replica is not None:
+                if ticket.home is None:
+                    return ticket, replica  # no caches to keep: first come, first placed
+                spill = (ticket, replica)
+    return spill

@@ -146,6 +146,14 @@ class ReplicaSet:
             return self._pick_affine(key, exclude, now, room)
         return self._least_outstanding(exclude, now, room), None
 
+    def home(self, key: bytes | None, exclude: set[Replica]) -> Replica | None:
+        """Where a conversation's caches are: the first replica of the key's affinity order that is up and not
+        excluded (None without an affinity key)."""
+        if key is None or self.pool.routing != "affinity":
+            return None
+        now = time.monotonic()
+        return next((r for r in rendezvous_order(key, self.replicas) if r not in exclude and r.available(now)), None)
+
     def outcome_of(self, key: bytes, chosen: Replica) -> Outcome | None:
         """How a replica chosen elsewhere (by the scheduler, through `pick`) relates to the key's own."""
         if self.pool.routing != "affinity" or not self.replicas:

@@ -58,8 +58,10 @@ def _ticket(
     weight: float = 1.0,
     size: int = 10,
     output: float = 0.0,
+    home: Member | None = None,
 ) -> Ticket[Member]:
-    return Ticket(tenant, weight, band, cost, size, _first_with_room(members), output)
+    at_home = None if home is None else (lambda: home)
+    return Ticket(tenant, weight, band, cost, size, _first_with_room(members), output, at_home)
 
 
 async def _settle() -> None:
@@ -283,6 +285,29 @@ async def test_a_request_pinned_to_a_full_replica_does_not_block_others() -> Non
     assert (await other).replica is members[1] and not pinned_task.done()
     on_first.release()
     assert (await pinned_task).replica is members[0]
+
+
+async def test_a_freed_slot_goes_to_a_request_whose_caches_are_there_before_one_that_would_move() -> None:
+    """A tenant's waiting request whose home replica (its affinity, where its caches are) has the free slot goes
+    before the queue's head, whose home is full; with no such request the head moves to the free replica."""
+    home_a, home_b = _member(1), _member(1)
+    members = [home_a, home_b]
+    scheduler = _scheduler(members)
+    on_a = await scheduler.acquire(_ticket(members, "x", home=home_a))
+    on_b = await scheduler.acquire(_ticket(members, "x", home=home_b))
+    assert (on_a.replica, on_b.replica) == (home_a, home_b)
+    head = asyncio.create_task(scheduler.acquire(_ticket(members, "t", home=home_a)))
+    second = asyncio.create_task(scheduler.acquire(_ticket(members, "t", home=home_b)))
+    third = asyncio.create_task(scheduler.acquire(_ticket(members, "t", home=home_a)))
+    await _settle()
+    on_b.release()
+    assert (await second).replica is home_b and not head.done(), "the head waits for its own replica"
+    on_a.release()
+    assert (await head).replica is home_a
+    (await second).release()
+    assert (await third).replica is home_b, "nothing waits for b: the next request moves there"
+    (await head).release()
+    (await third).release()
 
 
 def test_band_for_maps_tiers_and_refuses_above_the_ceiling() -> None:
