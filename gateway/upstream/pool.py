@@ -383,4 +383,5 @@ def _scheduler(replica_set: ReplicaSet, pool: ModelPool, metrics: GatewayMetrics
         enabled=scheduling.enabled,
         flex_reserve=scheduling.flex_reserve,
         reserve_idle=scheduling.flex_reserve_idle,
+        spill_epsilon=pool.affinity_epsilon,
     )
