@@ -71,7 +71,7 @@ class Ticket(Generic[R]):
     place: Place[R]  # the replica it would go to among those `room` admits, or None
     output: float = 0.0  # output tokens it may generate (its max_tokens), charged when dispatched; see Grant
     home: Callable[[], R | None] | None = None  # the replica its caches are on (affinity), if it has one
-    waits_for: R | None = field(default=None, repr=False)  # the home it is counted under while it waits
+    waits_for: R | None = field(default=None, repr=False)  # the home it waits for (within the load bound)
     granted: asyncio.Future[R | None] | None = field(default=None, repr=False)
 
 
@@ -156,7 +156,7 @@ class Scheduler(Generic[R]):
         enabled: bool = True,
         flex_reserve: int = 0,
         reserve_idle: float = math.inf,
-        spill_epsilon: float = math.inf,
+        spill_epsilon: float = 0.25,
     ) -> None:
         self.members = members
         self.spill_epsilon = spill_epsilon
@@ -172,7 +172,7 @@ class Scheduler(Generic[R]):
         self._queued = dict.fromkeys(BANDS, 0)
         self._bytes = dict.fromkeys(BANDS, 0)
         self._backlog: dict[str, int] = {}  # tenant -> requests waiting, all bands
-        self._homed: dict[R, int] = {}  # replica -> requests waiting whose home it is
+        self._homed: dict[R, int] = {}  # replica -> requests waiting for it as their home
 
     @property
     def queued(self) -> int:
@@ -268,19 +268,25 @@ class Scheduler(Generic[R]):
         self, waiting: Iterable[Ticket[R]], room: Callable[[R], bool], *, owed: bool, arriving: bool = False
     ) -> tuple[Ticket[R], R] | None:
         """Which of one tenant's waiting requests goes now, and where. The first whose home replica (where its
-        caches are) has room goes there. Otherwise one moves to a replica with room — the pool's routing picks it —
-        only if its tenant is owed service (another tenant waits in the band, with a larger counter: fairness
-        first), or its home is crowded: more requests on it and waiting for it than the bounded-load rule allows
-        (`spill_epsilon` over the mean, as routing without the scheduler bounds replicas). Else it waits for its
-        home, as it would in that replica's own queue without the scheduler. Measured (bench_affinity.py, replicas
-        of two slots): taking the queue's head wherever a slot came free lost 0.03-0.04 of the prefix-cache hit
-        rate against affinity without the scheduler, and moving only those whose home had no room lost as much."""
+        caches are) has room goes there. Otherwise one moves to a replica with room — the pool's routing picks it
+        — if its tenant is owed service (another tenant waits in the band, with a larger counter: fairness
+        first), or it does not wait for its home: the home was over the bounded-load rule when it arrived.
+
+        That rule is routing's without the scheduler (`spill_epsilon` over the mean, counting the requests on
+        each replica and those waiting for it), decided once on arrival as routing decides once: a request it
+        admits waits for its home as it would in that replica's own queue. Measured (bench_affinity.py, replicas
+        of two slots): moving the queue's head wherever a slot came free lost 0.03-0.04 of the prefix-cache hit
+        rate against routing without the scheduler; judging the bound again at every freed slot, when the
+        replica that freed it looked idle, lost as much."""
         moved: tuple[Ticket[R], R] | None = None
         for ticket in waiting:
             home = ticket.home() if ticket.home is not None else None
             if home is not None and room(home):
                 return ticket, home
-            if moved is None and (home is None or owed or self._crowded(home, arriving)):
+            if moved is not None:
+                continue
+            waits = home is not None and (self._admits(home) if arriving else ticket.waits_for is home)
+            if owed or not waits:
                 replica = ticket.place(room)
                 if replica is not None:
                     if home is None:
@@ -288,14 +294,14 @@ class Scheduler(Generic[R]):
                     moved = (ticket, replica)
         return moved
 
-    def _crowded(self, home: R, arriving: bool) -> bool:
+    def _admits(self, home: R) -> bool:
+        """Whether `home` may take one more request under the bounded-load rule."""
         now = time.monotonic()
         demand = {m: m.granted + self._homed.get(m, 0) for m in self.members() if m.available(now)}
         if home not in demand:
-            return True
-        demand[home] += arriving  # a request not yet waiting counts itself
-        mean = sum(demand.values()) / len(demand)
-        return demand[home] > (1 + self.spill_epsilon) * mean
+            return False
+        bound = math.ceil((1 + self.spill_epsilon) * (sum(demand.values()) + 1) / len(demand))
+        return demand[home] + 1 <= max(1, bound)
 
     def _first_waiting(self) -> tuple[Ticket[R], None] | None:
         for band in BANDS:
@@ -367,7 +373,7 @@ class Scheduler(Generic[R]):
             self.returned(replica)
 
     def _enqueue(self, ticket: Ticket[R]) -> None:
-        if ticket.home is not None and (home := ticket.home()) is not None:
+        if ticket.home is not None and (home := ticket.home()) is not None and self._admits(home):
             ticket.waits_for = home
             self._homed[home] = self._homed.get(home, 0) + 1
         band = ticket.band

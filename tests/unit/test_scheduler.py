@@ -289,8 +289,8 @@ async def test_a_request_pinned_to_a_full_replica_does_not_block_others() -> Non
 
 async def test_a_freed_slot_goes_to_a_request_whose_caches_are_there_before_one_that_would_move() -> None:
     """A waiting request whose home replica (its affinity, where its caches are) has the free slot goes before
-    the queue's head, whose home is full; the head moves to another replica once its home is crowded (more on it
-    and waiting for it than 1.25x the mean)."""
+    the queue's head, whose home is full; and a request the bounded-load rule let wait for its home waits for it
+    even while another replica has room, as it would in its home's own queue without the scheduler."""
     home_a, home_b = _member(1), _member(1)
     members = [home_a, home_b]
     scheduler = _scheduler(members)
@@ -306,37 +306,38 @@ async def test_a_freed_slot_goes_to_a_request_whose_caches_are_there_before_one_
     on_a.release()
     assert (await head).replica is home_a
     (await second).release()
-    assert (await third).replica is home_b, "a holds one and one waits for it, b none: crowded, it moves"
+    await _settle()
+    assert not third.done() and home_b.granted == 0, "within the bound on arrival: it waits for a"
     (await head).release()
+    assert (await third).replica is home_a
     (await third).release()
 
 
-async def test_a_request_waits_for_its_home_unless_crowded_or_owed() -> None:
-    """Without the scheduler a conversation waits in its replica's own queue while that replica is within the
-    bounded-load rule; with it, a request waits for its home likewise, rather than losing its caches to take
-    another replica's free slot. A tenant owed service (another tenant waits with a larger counter) moves."""
+async def test_a_request_over_the_load_bound_or_owed_service_moves() -> None:
+    """The bounded-load rule (1.25x the mean, counting requests on each replica and waiting for it) lets five
+    requests wait for a full replica of four beside another full one; the sixth is over it on arrival and takes
+    the other replica's next free slot. A tenant owed service (another tenant waits with a larger counter) moves
+    too."""
     home_a, home_b = _member(4), _member(4)
     members = [home_a, home_b]
     scheduler = _scheduler(members)
     held = [await scheduler.acquire(_ticket(members, "x", home=m)) for m in (home_a,) * 4 + (home_b,) * 4]
-    waiting = asyncio.create_task(scheduler.acquire(_ticket(members, "t", home=home_a)))
+    waiting = [asyncio.create_task(scheduler.acquire(_ticket(members, "t", home=home_a))) for _ in range(6)]
     await _settle()
-    held[4].release()  # b: 3 of 4; a: 4 and one waiting, 5 against a mean of 4 (bound 5): not crowded
-    await _settle()
-    assert not waiting.done() and home_b.granted == 3
-    held[0].release()
-    assert (await waiting).replica is home_a
-    held.append(await scheduler.acquire(_ticket(members, "x", home=home_b)))  # both full again
+    held[4].release()
+    assert (await waiting[5]).replica is home_b and not any(task.done() for task in waiting[:5])
 
     mine = asyncio.create_task(scheduler.acquire(_ticket(members, "owed", home=home_a)))
     other = asyncio.create_task(scheduler.acquire(_ticket(members, "ahead", home=home_a)))
     await _settle()
     scheduler.counters.charge("ahead", 1000.0, 1.0)
-    held[5].release()  # b frees a slot; a is not crowded, but `owed` is behind `ahead`
+    scheduler.counters.charge("t", 1000.0, 1.0)
+    held[5].release()  # b frees a slot: `owed` waits behind tenants with larger counters
     assert (await mine).replica is home_b
-    for grant in [*held[1:4], *held[6:], await waiting, await mine]:
+    for grant in [*held[:4], *held[6:], await waiting[5], await mine]:
         grant.release()
-    (await other).release()
+    for task in [*waiting[:5], other]:
+        (await task).release()
 
 
 def test_band_for_maps_tiers_and_refuses_above_the_ceiling() -> None:
