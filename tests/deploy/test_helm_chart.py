@@ -104,6 +104,9 @@ def test_every_container_has_probes_and_resources(rendered: list[dict[str, Any]]
             where = f"{workload['metadata']['name']}/{container['name']}"
             assert container["readinessProbe"]["httpGet"]["path"].startswith("/health"), where
             assert container["livenessProbe"]["httpGet"]["path"].startswith("/health"), where
+            if container["name"] in ("gateway", "retrieval"):  # probes on the operator's port: never starved by
+                for probe in ("livenessProbe", "readinessProbe"):  # client connections (hardening round 3)
+                    assert container[probe]["httpGet"]["port"] == "metrics", (where, probe)
             assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"], where
             assert container["resources"]["limits"]["memory"], where
         assert spec["automountServiceAccountToken"] is False
