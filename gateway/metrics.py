@@ -136,8 +136,20 @@ class GatewayMetrics:
         )
         self.tenant_tokens = Counter(
             "gateway_tenant_tokens",
-            "Tokens served per tenant (prompt when dispatched, output as streamed): what fair share counts.",
+            "Tokens served per tenant (prompt and output, counted when each request ends).",
             ["model", "tenant"],
+            registry=r,
+        )
+        self.tenant_virtual_tokens = Gauge(
+            "gateway_tenant_virtual_tokens",
+            "Each tenant's virtual token counter (tokens served / weight, shared across gateways when Redis is "
+            "set): the smallest backlogged one is dispatched next.",
+            ["model", "tenant"],
+            registry=r,
+        )
+        self.fairness_sync_errors = Counter(
+            "gateway_fairness_sync_errors",
+            "Exchanges of tenant counters with Redis that failed (this gateway then orders by its own counts).",
             registry=r,
         )
         self.pool_visual_tokens = Gauge(

@@ -19,6 +19,7 @@ from gateway.scheduling.bands import BANDS, Band
 from gateway.scheduling.fairness import TenantCounters
 from gateway.scheduling.limits import AdaptiveLimit
 from gateway.scheduling.scheduler import QueueBounds, QueueMetrics, Scheduler
+from gateway.scheduling.shared import SharedCounters
 from gateway.upstream.adapters import sync_adapters
 from gateway.upstream.discovery import DiscoveryFailed, Resolver, discover, system_resolver
 from gateway.upstream.engine_load import EngineLoadProbe
@@ -269,6 +270,7 @@ class Pools:
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         self._load_probe: EngineLoadProbe | None = None
+        self._shared: SharedCounters | None = None
 
     def get(self, model: str, namespace: str | None = None) -> ReplicaSet | None:
         """The pool serving `model`: a base model's own, or the one whose replicas serve that adapter — for an
@@ -297,8 +299,15 @@ class Pools:
             interval = min(rs.pool.scheduling.probe_interval for rs in self.by_model.values())
             self._load_probe = EngineLoadProbe(self.by_model.values, interval, self.settings.health_check_timeout)
             self._load_probe.start(self._session)
+        shared = [rs.scheduler.counters for rs in self.by_model.values() if _shares_counters(rs.pool)]
+        url = self.settings.rate_limits_redis_url
+        if url and shared:
+            self._shared = SharedCounters(url, shared, self.metrics.fairness_sync_errors)
+            self._shared.start()
 
     async def stop(self) -> None:
+        if self._shared is not None:
+            await self._shared.stop()
         if self._load_probe is not None:
             await self._load_probe.stop()
         if self._task is not None:
@@ -374,7 +383,7 @@ def _scheduler(replica_set: ReplicaSet, pool: ModelPool, metrics: GatewayMetrics
         {band: metrics.queue_wait.labels(name, band.label) for band in BANDS},
         metrics.pool_queued.labels(name),
     )
-    counters = TenantCounters(metrics.tenant_tokens, name)
+    counters = TenantCounters(metrics.tenant_tokens, name, metrics.tenant_virtual_tokens)
     return Scheduler(
         lambda: replica_set.replicas,
         bounds,
@@ -385,3 +394,7 @@ def _scheduler(replica_set: ReplicaSet, pool: ModelPool, metrics: GatewayMetrics
         reserve_idle=scheduling.flex_reserve_idle,
         spill_epsilon=pool.affinity_epsilon,
     )
+
+
+def _shares_counters(pool: ModelPool) -> bool:
+    return pool.scheduling.enabled and pool.scheduling.share_counters

@@ -4,9 +4,6 @@ what happens when Redis goes away (CASES C3 across replicas)."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +13,8 @@ import pytest
 
 from tests.fake_upstream import Behaviour, FakeVllm
 from tests.harness.processes import free_port
-from tests.support import RunningGateway, eventually, missing, post_json, run_gateway_async, wait_until, write_config
+from tests.harness.redis_server import RedisServer
+from tests.support import RunningGateway, eventually, post_json, run_gateway_async, write_config
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 JSON = {"content-type": "application/json"}
@@ -24,27 +22,11 @@ JSON = {"content-type": "application/json"}
 
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        missing("redis-server missing: scripts/setup installs Debian's redis-server")
-    port = free_port()
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    server = subprocess.Popen([*argv, "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    server = RedisServer(tmp_path).start()
     try:
-
-        def answers() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as probe:
-                    probe.sendall(b"PING\r\n")
-                    return probe.recv(16).startswith(b"+PONG")
-            except OSError:
-                return False
-
-        assert wait_until(answers, 10), "redis-server did not start"
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server.url
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        server.stop()
 
 
 def _config(tmp_path: Path, fake: FakeVllm, name: str, **settings: Any) -> list[str]:

@@ -439,6 +439,28 @@ def test_a_tenant_between_two_requests_keeps_its_counter() -> None:
     assert counters.value("small") == 500, "idle past the grace: lifted"
 
 
+def test_shared_counters_send_moves_and_lift_floors_and_keep_them_when_an_exchange_fails() -> None:
+    """What one gateway sends to the others (gateway/scheduling/shared.py applies it in Redis as
+    max(value, floor) + moved) and how the shared values come back."""
+    counters = TenantCounters()
+    counters.charge("a", 30, 1.0)
+    counters.charge("b", 10, 2.0)
+    counters.lift("c", ["a"], now=0.0)  # lifted to a's 30: sent as a floor, not as +30
+    counters.charge("c", 4, 1.0)
+    assert counters.take() == ({"a": 30, "b": 5, "c": 4}, {"c": 30})
+    assert counters.take() == ({}, {}), "taken once"
+
+    counters.charge("a", 2, 1.0)  # while the exchange is on its way
+    counters.settle({"a": 130.0, "b": 5.0, "c": 34.0, "d": 7.0})  # another gateway served a and d
+    assert [counters.value(t) for t in "abcd"] == [132, 5, 34, 7], "shared value plus what moved meanwhile"
+
+    moved, floors = counters.take()
+    counters.charge("b", 1, 1.0)
+    counters.lift("d", ["a"], now=0.0)  # a lift made after the failed exchange replaces what it carried for d
+    counters.keep(moved | {"d": 3.0}, floors | {"d": 50.0})
+    assert counters.take() == ({"a": 2, "b": 1}, {"d": 132}), "the failed exchange's moves go with the next"
+
+
 def test_flex_counts_on_the_batch_the_engine_runs_not_the_probing_limit() -> None:
     limit = AdaptiveLimit(4, 1, 64)
     limit.observe(0, holding=4, running=4)  # 8
