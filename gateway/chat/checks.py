@@ -17,10 +17,11 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import orjson
 from pydantic import ValidationError
 
-from gateway.chat.protocol import ChatCompletionRequest, CompletionRequest, ImagePart
+from gateway.chat.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.config import Modality, ModelPool
 from gateway.errors import ContextLengthExceeded, InvalidRequest, validation_error
 from gateway.media.images import PreparedMedia
+from gateway.media.parts import ImagePart
 from gateway.media.service import MediaPart
 
 MEDIA_NAMES = {"image": "image(s)", "video": "video(s)"}

@@ -8,11 +8,11 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, model_validator
 
 from gateway.chat.sampling import MAX_STRING_CHARS, MAX_TOKENS_CEILING, SamplingParams, ShortStr
+from gateway.media.parts import ImagePart, VideoPart
 from gateway.search.protocol import MAX_FILTER_VALUES, Filter, Name, filter_size
 
 MAX_MESSAGES = 4096
 MAX_PARTS = 512
-UrlStr = Annotated[str, StringConstraints(min_length=1, max_length=64 * 1024 * 1024)]
 # JSON schemas (tool parameters, response formats) steer the engine's grammar compiler, whose cost grows with
 # them: each is bounded in size, depth and nodes, and all of one request's together in size.
 MAX_SCHEMA_CHARS = 64 * 1024
@@ -72,28 +72,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_max_length=MAX_STRING_CHARS)
 
 
-class MediaUrl(BaseModel):
-    # Extra keys are refused: vLLM honours a client "uuid" as a multimodal cache key, which would let one
-    # caller's prompt reuse another's image embedding.
-    model_config = ConfigDict(extra="forbid")  # no str_max_length: the URL has its own (data URLs are large)
-
-    url: UrlStr
-    detail: Literal["auto", "low", "high"] | None = None
-
-
 class TextPart(Strict):
     type: Literal["text"]
     text: str
-
-
-class ImagePart(Strict):
-    type: Literal["image_url"]
-    image_url: MediaUrl
-
-
-class VideoPart(Strict):
-    type: Literal["video_url"]
-    video_url: MediaUrl
 
 
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]

@@ -25,9 +25,10 @@ from pydantic import ValidationError
 
 from gateway.access.context import context_of
 from gateway.asgi import Message
-from gateway.chat.protocol import ChatCompletionRequest, ImagePart, Retrieval
+from gateway.chat.protocol import ChatCompletionRequest, Retrieval
 from gateway.config import ModelPool
 from gateway.errors import GatewayError, InvalidRequest, error_for_status
+from gateway.media.parts import ImagePart
 from gateway.search.protocol import Content, SearchRequest
 from gateway.search.service import SearchService
 from gateway.upstream.errors import reaching_service

@@ -19,10 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from gateway.access.context import context_of
 from gateway.asgi import Message, Receive, Send, read_body, send_error
 from gateway.chat.checks import check_against_pool, parse_request
-from gateway.chat.protocol import MAX_MESSAGES, ChatMessage, ImagePart, VideoPart
+from gateway.chat.protocol import MAX_MESSAGES, ChatMessage
 from gateway.chat.sampling import MAX_STRING_CHARS, ShortStr
 from gateway.chat.serving import Generation, eligible_replicas
 from gateway.errors import GatewayError, ModelNotFound
+from gateway.media.parts import ImagePart, VideoPart
 from gateway.metrics import UNKNOWN_MODEL
 from gateway.provided import Provided
 from gateway.upstream.relay import relay_settled

@@ -17,12 +17,12 @@ import numpy as np
 import orjson
 from PIL import Image
 
-from gateway.chat.protocol import ImagePart
 from gateway.config import EmbeddingsSettings
 from gateway.embeddings.batcher import Batcher
 from gateway.embeddings.encoder import Encoder, OpenClipEncoder, Vectors
 from gateway.embeddings.protocol import EmbeddingRequest, TextInput
 from gateway.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
+from gateway.media.parts import ImagePart
 from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
 from gateway.tracing import OFF, Tracing

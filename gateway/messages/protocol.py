@@ -13,8 +13,9 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, model_validator
 
-from gateway.chat.protocol import MAX_MESSAGES, MAX_PARTS, Schema, Strict, UrlStr, schemas_size
+from gateway.chat.protocol import MAX_MESSAGES, MAX_PARTS, Schema, Strict, schemas_size
 from gateway.chat.sampling import MAX_TOKENS_CEILING, ShortStr
+from gateway.media.parts import UrlStr
 
 IMAGE_TYPES = Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
 Base64 = Annotated[str, StringConstraints(min_length=1, max_length=64 * 1024 * 1024)]

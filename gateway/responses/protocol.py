@@ -19,10 +19,10 @@ from gateway.chat.protocol import (
     MAX_PARTS,
     Schema,
     Strict,
-    UrlStr,
     schemas_size,
 )
 from gateway.chat.sampling import MAX_TOKENS_CEILING, CommonSampling, ShortStr
+from gateway.media.parts import UrlStr
 
 # vLLM mints `resp_<uuid hex>`; the gateway's own ids are longer. Anything past this is not an id of either.
 MAX_RESPONSE_ID_CHARS = 128
