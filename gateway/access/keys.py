@@ -31,6 +31,12 @@ class Identity:
     key_digest: str = ""  # the key's full SHA-256 digest: what a batch records as its owner
     batch: str | None = None  # set when a batch executor sends a line on the key's behalf
 
+    @property
+    def sees_adapters_of(self) -> str | None:
+        """The namespace whose runtime-loaded adapters this key sees and uses (None: every namespace's, an
+        operator key); another namespace's adapter is, to it, a model that does not exist."""
+        return None if "operator" in self.scopes else self.namespace
+
     def require(self, scope: Scope) -> None:
         """Refuses with 403 unless the key holds `scope` (operator holds admin too, on every namespace)."""
         if scope not in self.scopes and not (scope == "admin" and "operator" in self.scopes):

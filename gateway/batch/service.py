@@ -9,6 +9,7 @@ import fcntl
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
@@ -65,7 +66,7 @@ class BatchService:
         store: BatchStore,
         storage: FileStorage,
         executor: BatchExecutor,
-        model_check: ModelCheck,
+        model_check: CallersCheck,
         max_line_bytes: int,
     ) -> None:
         self.settings = settings
@@ -197,7 +198,7 @@ class BatchService:
             request.endpoint,
             max_lines=self.settings.max_lines,
             max_line_bytes=self.max_line_bytes,
-            model_check=self.model_check,
+            model_check=self.model_check(caller),
         )
         now = int(time.time())
         row: dict[str, Any] = {
@@ -250,17 +251,25 @@ def _printable(name: str) -> str:
     return "".join(c for c in name if c.isprintable() and c not in "/\\")
 
 
-def models_check(chat_models: frozenset[str], embeddings_model: str | None) -> ModelCheck:
-    """What a batch may name: a model this gateway serves on that endpoint (an empty set: any, the tier that
-    receives the lines checks them as it would online)."""
+ServedTo = Callable[[str, str | None], bool]  # (model, the namespace whose adapters the caller sees) -> served
+CallersCheck = Callable[[Identity], ModelCheck]
 
-    def check(endpoint: str, model: str) -> str | None:
-        if endpoint == "/v1/embeddings":
-            if embeddings_model is not None and model != embeddings_model:
-                return f"model {model[:100]!r} is not served on /v1/embeddings."
+
+def models_check(served: ServedTo | None, embeddings_model: str | None) -> CallersCheck:
+    """What a caller's batch may name: a model this gateway serves it on that endpoint — a pool's model, an
+    adapter of its configuration, or one loaded at runtime by the caller's namespace, as the online path decides
+    (`served` None: any; the tier that receives the lines checks them as it would online)."""
+
+    def for_caller(identity: Identity) -> ModelCheck:
+        def check(endpoint: str, model: str) -> str | None:
+            if endpoint == "/v1/embeddings":
+                if embeddings_model is not None and model != embeddings_model:
+                    return f"model {model[:100]!r} is not served on /v1/embeddings."
+                return None
+            if served is not None and not served(model, identity.sees_adapters_of):
+                return f"model {model[:100]!r} is not served here."
             return None
-        if chat_models and model not in chat_models:
-            return f"model {model[:100]!r} is not served here."
-        return None
 
-    return check
+        return check
+
+    return for_caller

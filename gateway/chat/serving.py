@@ -146,8 +146,7 @@ class CompletionsEndpoint:
             else:
                 data, request = parse_request(body, model_cls)
             identity = context_of(scope).identity
-            sees = None if "operator" in identity.scopes else identity.namespace
-            replicas = gateway.pools.get(request.model, sees)  # another namespace's adapter: not found
+            replicas = gateway.pools.get(request.model, identity.sees_adapters_of)  # another's adapter: not found
             if replicas is None:
                 raise ModelNotFound(f"The model '{request.model}' does not exist.", param="model")
             model_label = request.model

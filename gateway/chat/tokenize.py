@@ -107,8 +107,7 @@ class TokenEndpoint:
             body = await read_body(receive)
             _, request = parse_request(body, self.model_cls)
             identity = context_of(scope).identity
-            sees = None if "operator" in identity.scopes else identity.namespace
-            replicas = gateway.pools.get(request.model, sees)
+            replicas = gateway.pools.get(request.model, identity.sees_adapters_of)
             if replicas is None:
                 raise ModelNotFound(f"The model '{request.model}' does not exist.", param="model")
             model_label = request.model

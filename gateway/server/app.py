@@ -114,7 +114,7 @@ def _dispatch_url(settings: Settings) -> str:
 
 
 def _batch_service(
-    settings: Settings, upstream: UpstreamClient, delegation: Delegation, metrics: GatewayMetrics
+    settings: Settings, upstream: UpstreamClient, delegation: Delegation, metrics: GatewayMetrics, pools: Pools
 ) -> BatchService:
     batch = settings.batch
     store = BatchStore(batch.dir / "batches.sqlite3")
@@ -129,8 +129,8 @@ def _batch_service(
         metrics,
         settings.max_body_bytes,
     )
-    served = frozenset(name for pool in settings.models for name in (pool.name, *(a.name for a in pool.lora_modules)))
     embeddings = settings.embeddings.model_name() if settings.embeddings.enabled else None
+    served = (lambda model, namespace: pools.get(model, namespace) is not None) if settings.models else None
     check = models_check(served, embeddings)
     return BatchService(batch, store, storage, executor, check, settings.max_body_bytes)
 
@@ -227,7 +227,7 @@ def create_app(settings: Settings) -> FastAPI:
         ids = _response_ids(settings)
         retriever = _retriever(settings, searcher, upstream)
         generation.set(Generation(settings, metrics, pools, upstream, media, limiter, tracing, retriever))
-        batch_service = _batch_service(settings, upstream, delegation, metrics) if runs_batches else None
+        batch_service = _batch_service(settings, upstream, delegation, metrics, pools) if runs_batches else None
         if batch_service is not None:
             batches.set(batch_service)
         response_ids.set(ids)

@@ -61,7 +61,7 @@ router = APIRouter()
 async def list_models(request: Request) -> ModelList:
     gateway: GatewayState = request.app.state.gateway
     identity = context_of(request.scope).identity
-    sees = None if "operator" in identity.scopes else identity.namespace  # another namespace's adapters: unseen
+    sees = identity.sees_adapters_of
     cards = []
     for name, replicas in gateway.pools.by_model.items():
         pool = replicas.pool

@@ -11,14 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import orjson
 import pytest
+from openai import AsyncOpenAI
 
 from tests.fake_upstream import Behaviour, FakeVllm
 from tests.support import RunningGateway, eventually, png_data_url, run_gateway_async, write_config
 
 ALICE, BOB, ADMIN, ROGUE = "sk-alice", "sk-bob", "sk-admin", "sk-rogue"
 ID = re.compile(r"resp_[0-9a-f]{64}")
+CHAT = "/v1/chat/completions"
 
 
 @pytest.fixture
@@ -46,7 +49,8 @@ async def gateway(tmp_path: Path, log_dir: Path, fake_a: FakeVllm, fake_b: FakeV
             "max_loaded_adapters": 3,
         }
     ]
-    config = write_config(tmp_path / "g.yaml", models, keys=keys, health_check_interval=0.5)
+    batch = {"dir": str(tmp_path / "batch")}
+    config = write_config(tmp_path / "g.yaml", models, keys=keys, health_check_interval=0.5, batch=batch)
     async with run_gateway_async(["--config", str(config)], log_dir) as running:
 
         def adapters_read() -> bool:  # a health check has read each replica's /v1/models: a1 is on A alone
@@ -252,6 +256,22 @@ async def test_an_adapter_belongs_to_the_namespace_that_loaded_it(
     chat = {"model": "d2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     assert _error(await _call(gateway, "POST", "/v1/chat/completions", chat, key=ROGUE), 404)["param"] == "model"
     assert (await _call(gateway, "POST", "/v1/chat/completions", chat, key=ALICE)).status_code == 200
+    # A batch names what the online path serves its caller: the owner's namespace may batch on its adapter.
+    lines = tmp_path / "lines.jsonl"
+    lines.write_bytes(orjson.dumps({"custom_id": "1", "method": "POST", "url": CHAT, "body": chat}) + b"\n")
+    rogue, alice = (AsyncOpenAI(base_url=f"{gateway.base_url}/v1", api_key=k, max_retries=0) for k in (ROGUE, ALICE))
+    upload = await rogue.files.create(file=lines.open("rb"), purpose="batch")
+    with pytest.raises(openai.BadRequestError, match="model 'd2' is not served"):
+        await rogue.batches.create(input_file_id=upload.id, endpoint=CHAT, completion_window="24h")
+    upload = await alice.files.create(file=lines.open("rb"), purpose="batch")
+    batch = await alice.batches.create(input_file_id=upload.id, endpoint=CHAT, completion_window="24h")
+
+    async def completed() -> bool:
+        return (await alice.batches.retrieve(batch.id)).status == "completed"
+
+    assert await eventually(completed)
+    counts = (await alice.batches.retrieve(batch.id)).request_counts
+    assert counts is not None and (counts.completed, counts.failed) == (1, 0)
     for name in (".", "..", "-", "-x", ".hidden", "a b", "a\n", "x/y", "a" * 257):
         assert _error(await load(name, "/adapters/x"), 400), name
     for name in ("m", "a1"):  # a base model, a configured adapter

@@ -11,12 +11,12 @@ import orjson
 import pytest
 
 from gateway.access.delegation import Delegation
-from gateway.access.keys import KeyChecker
+from gateway.access.keys import Identity, KeyChecker
 from gateway.batch.executor import BatchExecutor
 from gateway.batch.files import FileStorage
 from gateway.batch.lines import check_input, read_lines
 from gateway.batch.protocol import ListPage, derived_file_ids, new_batch_id, new_file_id, window_seconds
-from gateway.batch.service import BatchService
+from gateway.batch.service import BatchService, models_check
 from gateway.batch.store import BatchStore
 from gateway.config import BatchSettings, load_settings
 from gateway.errors import InvalidRequest, ServiceUnavailable
@@ -41,6 +41,27 @@ def _check(tmp_path: Path, content: bytes, **limits: Any) -> Any:
 def test_a_valid_file_is_counted_and_blank_lines_and_crlf_are_fine(tmp_path: Path) -> None:
     summary = _check(tmp_path, _line("a") + b"\r\n\n" + _line("b") + b"\n\n")
     assert (summary.lines, summary.model) == (2, "m")
+
+
+def test_a_batch_may_name_what_the_online_path_serves_its_caller() -> None:
+    """A pool's model and a runtime adapter loaded by the caller's namespace, as the online path decides; another
+    namespace's adapter is not served to it (an operator key sees every namespace's)."""
+    adapters = {"mine": "team-a"}  # runtime adapter -> the namespace that loaded it
+
+    def served(model: str, sees: str | None) -> bool:
+        owner = adapters.get(model)
+        return model == "m" or (owner is not None and sees in (None, owner))
+
+    check = models_check(served, "clip")
+    team_a = Identity("a", frozenset({"read"}), "team-a")
+    team_b = Identity("b", frozenset({"read"}), "team-b")
+    operator = Identity("o", frozenset({"read", "operator"}), "ops")
+    assert check(team_a)(CHAT, "m") is None and check(team_a)(CHAT, "mine") is None
+    assert check(team_b)(CHAT, "mine") == "model 'mine' is not served here."
+    assert check(operator)(CHAT, "mine") is None
+    assert check(team_b)("/v1/embeddings", "clip") is None
+    assert check(team_b)("/v1/embeddings", "m") == "model 'm' is not served on /v1/embeddings."
+    assert models_check(None, None)(team_b)(CHAT, "anything") is None, "a tier without pools: the receiver checks"
 
 
 @pytest.mark.parametrize(
@@ -178,7 +199,7 @@ async def test_a_second_gateway_on_the_same_batch_dir_serves_no_batches(tmp_path
         executor = BatchExecutor(
             store, storage, settings, cast(Any, None), "http://127.0.0.1:1", Delegation(b"s"), GatewayMetrics(), 1024
         )
-        return BatchService(settings, store, storage, executor, lambda endpoint, model: None, 1024)
+        return BatchService(settings, store, storage, executor, lambda caller: lambda endpoint, model: None, 1024)
 
     owner = KeyChecker(load_settings(keys=[{"key": "sk-a"}])).identify(b"Bearer sk-a")
     assert owner is not None
@@ -200,7 +221,7 @@ async def test_a_batch_dir_that_cannot_be_written_leaves_the_gateway_up_without_
     executor = BatchExecutor(
         store, storage, settings, cast(Any, None), "http://127.0.0.1:1", Delegation(b"s"), GatewayMetrics(), 1024
     )
-    service = BatchService(settings, store, storage, executor, lambda endpoint, model: None, 1024)
+    service = BatchService(settings, store, storage, executor, lambda caller: lambda endpoint, model: None, 1024)
     await service.start()
     owner = KeyChecker(load_settings(keys=[{"key": "sk-a"}])).identify(b"Bearer sk-a")
     assert owner is not None
