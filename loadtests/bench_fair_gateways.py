@@ -25,33 +25,29 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loadtests.bench_fairness import MODEL, Tally, chat, closed_loop, small_batch_replica  # noqa: E402
-from tests.harness.processes import ManagedProcess, free_port, gateway_process  # noqa: E402
+from loadtests.bench_fairness import (  # noqa: E402
+    MODEL,
+    Gateway,
+    Tally,
+    chat,
+    closed_loop,
+    gateway_in_front,
+    shares,
+    small_batch_replica,
+)
 from tests.harness.redis_server import RedisServer  # noqa: E402
 
 KEYS = [{"key": "sk-wide", "namespace": "wide"}, {"key": "sk-narrow", "namespace": "narrow"}]
 OUTPUT_TOKENS = 64
 
 
-def start_gateway(replica: str, redis_url: str | None, workdir: Path) -> tuple[ManagedProcess, str]:
-    port = free_port()
-    config = {
-        "models": [{"name": MODEL, "upstreams": [replica]}],
-        "keys": KEYS,
-        "embeddings": {"enabled": False},
-        "health_check_interval": 1,
-        **({"rate_limits_redis_url": redis_url} if redis_url else {}),
-    }
-    path = workdir / f"gateway-{port}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    process = gateway_process(["--config", str(path)], port=port, log_path=workdir / f"gateway-{port}.log")
-    process.start()
-    return process, f"http://127.0.0.1:{port}"
+def start_gateway(replica: str, redis_url: str | None, workdir: Path) -> Gateway:
+    shared = {"rate_limits_redis_url": redis_url} if redis_url else {}
+    return gateway_in_front({"name": MODEL, "upstreams": [replica]}, KEYS, workdir, **shared)
 
 
 async def phase(first: str, second: str, seconds: float, clients: int) -> Tally:
@@ -69,15 +65,6 @@ async def phase(first: str, second: str, seconds: float, clients: int) -> Tally:
                 work.append(closed_loop(http, who, f"sk-{who}", make, until, tally))
         await asyncio.gather(*work)
     return tally
-
-
-def split(tally: Tally, seconds: float) -> tuple[float, float, float, float]:
-    """(wide's share of tokens, narrow's, Jain's index over the two, total tokens/s)."""
-    wide = sum(r.tokens for r in tally.results.get("wide", []))
-    narrow = sum(r.tokens for r in tally.results.get("narrow", []))
-    total = wide + narrow
-    jain = total**2 / (2 * (wide**2 + narrow**2)) if total else float("nan")
-    return wide / total, narrow / total, jain, total / seconds
 
 
 def main() -> None:
@@ -102,7 +89,7 @@ def main() -> None:
             results = {}
             for arm, pair in arms.items():
                 tally = asyncio.run(phase(pair[0][1], pair[1][1], args.seconds, args.clients))
-                results[arm] = split(tally, args.seconds)
+                results[arm] = shares(tally, args.seconds, ("wide", "narrow"))
                 print(f"done: {arm}", file=sys.stderr)
         finally:
             for pair in arms.values():

@@ -215,24 +215,27 @@ def p(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
-def shares(tally: Tally, seconds: float) -> tuple[float, float, float, float]:
-    """(big's share of tokens, small's, Jain's index over the two, total tokens/s)."""
-    big = sum(r.tokens for r in tally.results.get("big", []))
-    small = sum(r.tokens for r in tally.results.get("small", []))
+def shares(tally: Tally, seconds: float, pair: tuple[str, str] = ("big", "small")) -> tuple[float, float, float, float]:
+    """(the first tenant's share of tokens, the second's, Jain's index over the two, total tokens/s)."""
+    big, small = (sum(r.tokens for r in tally.results.get(tenant, [])) for tenant in pair)
     total = big + small
     jain = total**2 / (2 * (big**2 + small**2)) if total else float("nan")
     return big / total, small / total, jain, total / seconds
 
 
-def start_gateway(replica: str, enabled: bool, workdir: Path) -> tuple[ManagedProcess, str]:
-    port = free_port()
+Gateway = tuple[ManagedProcess, str]
+
+
+def start_gateway(replica: str, enabled: bool, workdir: Path) -> Gateway:
     keys = [{**k} for k in KEYS.values()]
-    config = {
-        "models": [{"name": MODEL, "upstreams": [replica], "scheduling": {"enabled": enabled}}],
-        "keys": keys,
-        "embeddings": {"enabled": False},
-        "health_check_interval": 1,
-    }
+    pool = {"name": MODEL, "upstreams": [replica], "scheduling": {"enabled": enabled}}
+    return gateway_in_front(pool, keys, workdir)
+
+
+def gateway_in_front(pool: dict[str, Any], keys: list[dict[str, Any]], workdir: Path, **settings: Any) -> Gateway:
+    """A gateway process (started, not yet ready) serving `pool` to `keys`, its config and log in `workdir`."""
+    port = free_port()
+    config = {"models": [pool], "keys": keys, "embeddings": {"enabled": False}, "health_check_interval": 1, **settings}
     path = workdir / f"gateway-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
     process = gateway_process(["--config", str(path)], port=port, log_path=workdir / f"gateway-{port}.log")

@@ -141,6 +141,18 @@ def search_settings(root: Path, backend: str, **extra: Any) -> dict[str, Any]:
     return {"index_dir": str(root / "index"), **extra}
 
 
+def two_fake_replicas(urls: tuple[str, str], images: int, first_token: float, idle: float) -> dict[str, Any]:
+    """Pool "m" on two fake replicas, least-outstanding routing, `images` per prompt and no video, 4096 tokens."""
+    return {
+        "name": "m",
+        "upstreams": list(urls),
+        "routing": "least_outstanding",
+        "limit_mm_per_prompt": {"image": images, "video": 0},
+        "max_model_len": 4096,
+        "timeouts": {"first_token": first_token, "idle": idle},
+    }
+
+
 def write_config(path: Path, models: list[dict[str, Any]], **settings: Any) -> Path:
     """A YAML config; the CLIP encoder is off unless a test asks for it (chat tests need no torch), and batches
     keep their state beside the config (never in the user's default directory, shared between gateways)."""

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from tests.fake_upstream import Behaviour, FakeVllm
-from tests.support import RunningGateway, post_json, run_gateway_async, write_config
+from tests.support import RunningGateway, post_json, run_gateway_async, two_fake_replicas, write_config
 
 KEY = "sk-messages-integration-0123456789"
 WRONG = "sk-messages-wrong-9876543210"
@@ -22,16 +22,7 @@ WRONG = "sk-messages-wrong-9876543210"
 
 @pytest.fixture
 async def gateway(tmp_path: Path, log_dir: Path, fake_a: FakeVllm, fake_b: FakeVllm) -> AsyncIterator[RunningGateway]:
-    models = [
-        {
-            "name": "m",
-            "upstreams": [fake_a.url, fake_b.url],
-            "routing": "least_outstanding",
-            "limit_mm_per_prompt": {"image": 1, "video": 0},
-            "max_model_len": 4096,
-            "timeouts": {"first_token": 2, "idle": 2},
-        }
-    ]
+    models = [two_fake_replicas((fake_a.url, fake_b.url), images=1, first_token=2, idle=2)]
     config = write_config(tmp_path / "g.yaml", models, health_check_interval=60, replica_cooldown=30, access_log=True)
     async with run_gateway_async(["--config", str(config), "--api-key", KEY], log_dir) as running:
         yield running

@@ -17,7 +17,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from tests.fake_upstream import Behaviour, FakeVllm
-from tests.support import RunningGateway, eventually, png_data_url, run_gateway_async, write_config
+from tests.support import RunningGateway, eventually, png_data_url, run_gateway_async, two_fake_replicas, write_config
 
 ALICE, BOB, ADMIN, ROGUE = "sk-alice", "sk-bob", "sk-admin", "sk-rogue"
 ID = re.compile(r"resp_[0-9a-f]{64}")
@@ -38,19 +38,13 @@ async def gateway(tmp_path: Path, log_dir: Path, fake_a: FakeVllm, fake_b: FakeV
     (local_root / "escape").symlink_to("/etc")
     models = [
         {
-            "name": "m",
-            "upstreams": [fake_a.url, fake_b.url],
-            "routing": "least_outstanding",
-            "limit_mm_per_prompt": {"image": 1, "video": 0},
-            "max_model_len": 4096,
-            "timeouts": {"first_token": 5, "idle": 1},
+            **two_fake_replicas((fake_a.url, fake_b.url), images=1, first_token=5, idle=1),
             "lora_modules": [{"name": "a1", "path": "/adapters/a1"}],
             "adapter_roots": ["/adapters", str(local_root)],
             "max_loaded_adapters": 3,
         }
     ]
-    batch = {"dir": str(tmp_path / "batch")}
-    config = write_config(tmp_path / "g.yaml", models, keys=keys, health_check_interval=0.5, batch=batch)
+    config = write_config(tmp_path / "g.yaml", models, keys=keys, health_check_interval=0.5)
     async with run_gateway_async(["--config", str(config)], log_dir) as running:
 
         def adapters_read() -> bool:  # a health check has read each replica's /v1/models: a1 is on A alone

@@ -22,7 +22,15 @@ import pytest
 from tests.fake_upstream import Behaviour, FakeVllm
 from tests.harness.processes import free_port
 from tests.media_server import DRIP_EVERY
-from tests.support import RunningGateway, eventually, png_data_url, post_json, run_gateway_async, write_config
+from tests.support import (
+    RunningGateway,
+    eventually,
+    png_data_url,
+    post_json,
+    run_gateway_async,
+    two_fake_replicas,
+    write_config,
+)
 
 HEADERS = {"content-type": "application/json"}
 
@@ -54,16 +62,7 @@ def _bombpng_data_url() -> str:
 
 @pytest.fixture
 async def gateway(tmp_path: Path, log_dir: Path, fake_a: FakeVllm, fake_b: FakeVllm) -> AsyncIterator[RunningGateway]:
-    models = [
-        {
-            "name": "m",
-            "upstreams": [fake_a.url, fake_b.url],
-            "routing": "least_outstanding",
-            "limit_mm_per_prompt": {"image": 2, "video": 0},
-            "max_model_len": 4096,
-            "timeouts": {"first_token": 1, "idle": 1},
-        }
-    ]
+    models = [two_fake_replicas((fake_a.url, fake_b.url), images=2, first_token=1, idle=1)]
     config = write_config(
         tmp_path / "g.yaml", models, health_check_interval=60, replica_cooldown=30, max_body_bytes=4 * 1024 * 1024
     )
