@@ -99,10 +99,9 @@ class TenantCounters:
 
     def keep(self, moved: Moves, floors: Moves) -> None:
         """An exchange failed: its moves go with the next one (a lift made since replaces them, as it did here)."""
-        for tenant, floor in floors.items():
-            if tenant not in self._floors:
-                self._floors[tenant] = floor
-                self._moved[tenant] = moved.get(tenant, 0.0) + self._moved.get(tenant, 0.0)
-        for tenant, tokens in moved.items():
-            if tenant not in floors and tenant not in self._floors:
-                self._moved[tenant] = self._moved.get(tenant, 0.0) + tokens
+        for tenant in moved.keys() | floors.keys():
+            if tenant in self._floors:
+                continue
+            if tenant in floors:
+                self._floors[tenant] = floors[tenant]
+            self._moved[tenant] = moved.get(tenant, 0.0) + self._moved.get(tenant, 0.0)
