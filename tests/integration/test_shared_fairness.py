@@ -4,12 +4,10 @@ orders its own queue by what every tenant was served through all of them, and ke
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 from prometheus_client import CollectorRegistry, Counter
 from redis.asyncio import Redis
 
@@ -21,15 +19,6 @@ from tests.support import eventually, post_json, run_gateway_async, write_config
 
 KEYS = [{"key": f"sk-{tenant}", "namespace": tenant} for tenant in ("heavy", "light", "holder")]
 ONE_SLOT = {"initial_limit": 1, "min_limit": 1, "max_limit": 1}
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _chat(text: str, **extra: Any) -> dict[str, Any]:

@@ -4,7 +4,6 @@ what happens when Redis goes away (CASES C3 across replicas)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,8 @@ JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    server = RedisServer(tmp_path).start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
+def redis_url(redis: RedisServer) -> str:
+    return redis.url
 
 
 def _config(tmp_path: Path, fake: FakeVllm, name: str, **settings: Any) -> list[str]:
