@@ -110,7 +110,7 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _milvus_settings(uri: str) -> Any:
-    from gateway.config import SearchSettings
+    from gateway.retrieval_settings import SearchSettings
 
     token = os.environ.get("GATEWAY_SEARCH__MILVUS_TOKEN")
     return SearchSettings(backend="milvus", milvus_uri=uri, milvus_token=token)

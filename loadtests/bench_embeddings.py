@@ -25,8 +25,8 @@ import orjson
 import yaml
 from PIL import Image
 
-from gateway.config import EmbeddingsSettings
 from gateway.embeddings.encoder import OpenClipEncoder
+from gateway.retrieval_settings import EmbeddingsSettings
 from tests.harness.processes import free_port, gateway_process
 
 GATEWAY_CORE, LOAD_CORE = 0, 1

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from gateway.config import EmbeddingsSettings
+from gateway.retrieval_settings import EmbeddingsSettings
 
 log = logging.getLogger("gateway.encoder")
 Vectors = npt.NDArray[np.float32]

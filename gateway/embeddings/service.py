@@ -17,7 +17,6 @@ import numpy as np
 import orjson
 from PIL import Image
 
-from gateway.config import EmbeddingsSettings
 from gateway.embeddings.batcher import Batcher
 from gateway.embeddings.encoder import Encoder, OpenClipEncoder, Vectors
 from gateway.embeddings.protocol import EmbeddingRequest, TextInput
@@ -25,6 +24,7 @@ from gateway.errors import InvalidRequest, ModelNotFound, ServiceUnavailable
 from gateway.media.parts import ImagePart
 from gateway.media.service import MediaPreparer
 from gateway.metrics import GatewayMetrics
+from gateway.retrieval_settings import EmbeddingsSettings
 from gateway.tracing import OFF, Tracing
 
 log = logging.getLogger("gateway.embeddings")

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from gateway.config import SearchSettings
 from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
+from gateway.retrieval_settings import SearchSettings
 from gateway.search.archive import export_collection, restore_collection
 from gateway.search.backend import CollectionMeta, Record
 from gateway.search.collection import META_NAME, Collection

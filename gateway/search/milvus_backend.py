@@ -24,9 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gateway.config import MILVUS_MAX_DOCUMENT, SearchSettings
 from gateway.errors import Conflict, IndexUnavailable, InvalidRequest, NotFound
 from gateway.metrics import GatewayMetrics
+from gateway.retrieval_settings import MILVUS_MAX_DOCUMENT, SearchSettings
 from gateway.search.backend import CollectionMeta, StoredCollection
 from gateway.search.config import IndexSpec
 from gateway.search.milvus_collection import (

@@ -17,9 +17,9 @@ from typing import Any, Protocol
 import numpy as np
 import orjson
 
-from gateway.config import SearchSettings
 from gateway.errors import IndexUnavailable, InvalidRequest, NotFound
 from gateway.metrics import GatewayMetrics
+from gateway.retrieval_settings import SearchSettings
 from gateway.search.backend import CollectionMeta, Hit, Record
 from gateway.search.config import IndexSpec
 from gateway.search.filters import MISSING, Condition, is_key_field, item_fields, milvus_expression, namespace_token

@@ -18,11 +18,11 @@ import numpy as np
 import orjson
 
 from gateway.access.keys import Identity
-from gateway.config import SearchSettings
 from gateway.embeddings.service import EmbeddingsService
 from gateway.errors import Conflict, IndexUnavailable, InvalidRequest, NotFound, ServiceUnavailable, StorageFailed
 from gateway.media.data_urls import data_url
 from gateway.metrics import GatewayMetrics
+from gateway.retrieval_settings import SearchSettings
 from gateway.search.backend import CollectionMeta, IndexBackend, Record, StoredCollection
 from gateway.search.display import display_copy
 from gateway.search.faiss_backend import FaissBackend

@@ -14,9 +14,9 @@ import orjson
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from gateway.config import EmbeddingsSettings
 from gateway.embeddings.encoder import OpenClipEncoder
 from gateway.media.images import decode_image
+from gateway.retrieval_settings import EmbeddingsSettings
 from tests.media_server import png_bytes
 from tests.support import RunningGateway, run_gateway, write_config
 
